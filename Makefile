@@ -1,0 +1,48 @@
+# Set-up and entry points. `make demo` and `make test` install what they need into .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DATA := data/demo
+
+.PHONY: install demo demo-data test test-fast lint format benchmark clean
+
+install: $(STAMP)
+
+# Re-installs only when setup.py changes; otherwise a no-op.
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+demo-data: install
+	$(PY) -m diffusion.data.synthetic --out $(DEMO_DATA)/train --num-samples 4000 --seed 0 --image-size 64 --overwrite
+	$(PY) -m diffusion.data.synthetic --out $(DEMO_DATA)/val --num-samples 256 --seed 1 --image-size 64 --overwrite
+
+# The embedded default: synthetic CC-like data -> tiny autoencoder -> tiny latent diffusion model (the production
+# StableDiffusion class, launched like any run) -> samples.png and the prompt-following score.
+demo: demo-data
+	$(VENV)/bin/composer -n 1 train.py yamls/demo_autoencoder.yaml
+	$(VENV)/bin/composer -n 1 train.py yamls/demo.yaml
+	@echo "Samples: runs/demo/samples.png   Results: runs/demo/demo_results.json"
+
+test: install
+	$(VENV)/bin/pytest -n 2 --dist loadgroup tests
+
+test-fast: install
+	$(VENV)/bin/pytest -n 2 -m "not slow" tests
+
+lint: install
+	$(VENV)/bin/ruff check diffusion tests benchmarks train.py
+	$(VENV)/bin/ruff format --check diffusion tests benchmarks train.py
+
+format: install
+	$(VENV)/bin/ruff format diffusion tests benchmarks train.py
+	$(VENV)/bin/ruff check --fix diffusion tests benchmarks train.py
+
+benchmark: install
+	$(PY) benchmarks/step_breakdown.py
+
+clean:
+	rm -rf runs data/demo .pytest_cache

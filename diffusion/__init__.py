@@ -1,0 +1,1 @@
+"""CommonCanvas: latent diffusion training on Creative-Commons data with Composer."""

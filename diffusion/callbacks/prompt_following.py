@@ -1,0 +1,103 @@
+"""Score how well generated images follow their prompts' colour and shape, during or after training.
+
+Builds on Composer's ``Callback``: at the end of training (and every ``interval`` if set) it samples each prompt
+of a prompt file with fixed seeds through the model's ``generate``, scores the images with the deterministic
+checker of :mod:`diffusion.evaluation.prompt_following`, logs ``prompt_following/color`` and
+``prompt_following/shape`` to every logger, writes the sample grid (``samples.png``) and a JSON report, and
+prints ``prompt_following_color: <score>`` as a plain line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+from composer.core import Callback, State, Time, TimeUnit
+from composer.loggers import Logger
+from composer.utils import dist
+
+from diffusion.callbacks.image_grid import save_image_grid
+from diffusion.evaluation.prompt_following import DEMO_PROMPTS_PATH, load_prompts, score_prompt_following
+
+__all__ = ['PromptFollowing']
+
+
+class PromptFollowing(Callback):
+    """Prompt-following evaluation of colour and shape on a prompt file.
+
+    Args:
+        prompts_file (str): Prompt file, one per line. Default: the demo prompts shipped with the package.
+        seeds (Sequence[int]): Each prompt is sampled once per seed. Default: ``(0, 1)``.
+        folder (str): Where ``samples.png`` (the last grid) and ``results_filename`` go. Default: ``'.'``.
+        results_filename (str): JSON report file name. Default: ``'demo_results.json'``.
+        interval (str, optional): Also evaluate every this many batches (``'500ba'``); at fit end always.
+        guidance_scale (float): Classifier-free guidance scale. Default: ``5.0``.
+        num_inference_steps (int): Sampler steps. Default: ``30``.
+        scheduler (str, optional): Sampler name; default: the model's.
+        batch_size (int): Prompts sampled at once. Default: ``32``.
+    """
+
+    def __init__(
+        self,
+        prompts_file: str = DEMO_PROMPTS_PATH,
+        seeds: tuple[int, ...] = (0, 1),
+        folder: str = '.',
+        results_filename: str = 'demo_results.json',
+        interval: Optional[str] = None,
+        guidance_scale: float = 5.0,
+        num_inference_steps: int = 30,
+        scheduler: Optional[str] = None,
+        batch_size: int = 32,
+    ):
+        self.prompts = load_prompts(prompts_file)
+        if not self.prompts:
+            raise ValueError(f'No prompts in {prompts_file}.')
+        self.seeds = list(seeds)
+        self.folder = folder
+        self.results_filename = results_filename
+        self.interval = Time.from_timestring(interval) if interval else None
+        if self.interval is not None and self.interval.unit != TimeUnit.BATCH:
+            raise ValueError(f'interval must be in batches (e.g. "500ba"), got {interval!r}.')
+        self.generate_kwargs = dict(
+            guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, scheduler=scheduler
+        )
+        self.batch_size = batch_size
+        self.last_result: Optional[dict] = None
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if self.interval is not None and int(state.timestamp.batch) % self.interval.value == 0:
+            self.evaluate(state, logger)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self.evaluate(state, logger, final=True)
+
+    def sample(self, model) -> tuple[torch.Tensor, list[str]]:
+        """Images (P * S, 3, H, W) for every prompt and seed, seed-major, and the matching prompt list."""
+        images, prompts = [], []
+        for seed in self.seeds:
+            for start in range(0, len(self.prompts), self.batch_size):
+                chunk = self.prompts[start : start + self.batch_size]
+                images.append(model.generate(chunk, seed=seed * 100_003 + start, **self.generate_kwargs))
+                prompts.extend(chunk)
+        return torch.cat(images), prompts
+
+    def evaluate(self, state: State, logger: Logger, final: bool = False) -> dict:
+        model = state.model.module if hasattr(state.model, 'module') else state.model
+        images, prompts = self.sample(model)
+        result = score_prompt_following(images.cpu(), prompts)
+        batch = int(state.timestamp.batch)
+        logger.log_metrics({'prompt_following/color': result['color'], 'prompt_following/shape': result['shape']})
+        self.last_result = result
+        if dist.get_global_rank() == 0:
+            grid_name = 'samples.png' if final else f'samples_batch_{batch:07d}.png'
+            save_image_grid(images, os.path.join(self.folder, grid_name), nrow=len(self.prompts) // 3 or None)
+            report = {'batch': batch, 'num_images': len(prompts), 'seeds': self.seeds, **self.generate_kwargs, **result}
+            path = os.path.join(self.folder, self.results_filename)
+            with open(path + '.tmp', 'w') as f:
+                json.dump(report, f, indent=2)
+            os.replace(path + '.tmp', path)
+            print(f'prompt_following_color: {result["color"]:.2f}', flush=True)
+            print(f'prompt_following_shape: {result["shape"]:.2f}', flush=True)
+        return result

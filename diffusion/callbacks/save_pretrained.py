@@ -1,0 +1,43 @@
+"""Save model components at the end of training in the diffusers/transformers folder format.
+
+Builds on Composer's ``Callback`` and the ``save_pretrained`` of diffusers and transformers (safetensors weights
+plus config). The folder layout is a diffusers pipeline's (``<folder>/vae``, ``<folder>/unet``, ...), so that
+another run loads it with ``pretrained_model_name_or_path=<folder>``; the demo hands its trained autoencoder to
+the diffusion run this way.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
+
+__all__ = ['SavePretrained']
+
+
+class SavePretrained(Callback):
+    """At fit end, rank 0 writes ``<folder>/<component>`` for each named component of the model.
+
+    Args:
+        folder (str): Output folder.
+        components (Sequence[str]): Attribute names of the model to save (``'vae'``, ``'unet'``, ...).
+    """
+
+    def __init__(self, folder: str, components: Sequence[str] = ('vae',)):
+        self.folder = folder
+        self.components = list(components)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        model = state.model.module if hasattr(state.model, 'module') else state.model
+        for name in self.components:
+            if not hasattr(getattr(model, name, None), 'save_pretrained'):
+                raise ValueError(f'SavePretrained: the model has no component {name!r} with save_pretrained.')
+        if hasattr(model, 'prepare_for_export'):
+            model.prepare_for_export()
+        if dist.get_global_rank() == 0:
+            for name in self.components:
+                getattr(model, name).save_pretrained(os.path.join(self.folder, name))
+        dist.barrier()

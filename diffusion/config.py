@@ -1,0 +1,117 @@
+"""The training config: a typed schema, loading a yaml with Hydra overrides, and validation.
+
+Built on Hydra's compose API (defaults lists and the override grammar ``key=value``, ``+new_key=value``,
+``~key``) and OmegaConf structured configs: merging a yaml into :class:`TrainConfig` rejects unknown or
+misspelled top-level keys and wrong types, naming the key, before anything is built. Keys inside registry
+sections (``model``, ``algorithms``, ...) are checked against their builders' signatures by
+:mod:`diffusion.registry`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+__all__ = ['TrainConfig', 'load_config', 'validate_config']
+
+
+@dataclass
+class TrainConfig:
+    """What a training run is. Registry sections hold ``name`` plus the builder's keyword arguments.
+
+    Attributes:
+        model: ``{name: <models registry name>, **kwargs}``.
+        train_dataloader: ``{name: <dataloaders registry name>, batch_size: <global>, **kwargs}``.
+        max_duration: Training length as a Composer time string (``'1000ba'``, ``'2ep'``, ``'1000000sp'``).
+        eval_dataloader: Like ``train_dataloader``; validation is skipped when ``None``.
+        optimizer: ``{name: <optimizers registry name>, **kwargs}``; gets the trainable parameters.
+        scheduler: ``{name: <schedulers registry name>, **kwargs}`` or ``None`` for a constant LR.
+        algorithms, callbacks, loggers: ``{<registry name>: {**kwargs}}``.
+    """
+
+    model: Dict[str, Any] = MISSING
+    train_dataloader: Dict[str, Any] = MISSING
+    max_duration: str = MISSING
+    run_name: Optional[str] = None
+    run_folder: Optional[str] = None
+    seed: int = 17
+    eval_dataloader: Optional[Dict[str, Any]] = None
+    optimizer: Dict[str, Any] = field(default_factory=lambda: {'name': 'adamw', 'lr': 1.0e-4})
+    scheduler: Optional[Dict[str, Any]] = None
+    algorithms: Dict[str, Optional[Dict[str, Any]]] = field(default_factory=dict)
+    callbacks: Dict[str, Optional[Dict[str, Any]]] = field(default_factory=dict)
+    loggers: Dict[str, Optional[Dict[str, Any]]] = field(default_factory=dict)
+    device: Optional[str] = None
+    precision: Optional[str] = None
+    device_train_microbatch_size: Optional[Any] = None
+    eval_interval: Any = 1
+    eval_subset_num_batches: int = -1
+    save_folder: Optional[str] = None
+    save_interval: str = '1ep'
+    save_num_checkpoints_to_keep: int = -1
+    save_overwrite: bool = False
+    load_path: Optional[str] = None
+    load_weights_only: bool = False
+    autoresume: bool = False
+    progress_bar: bool = True
+    log_to_console: bool = False
+    console_log_interval: str = '1ba'
+    deterministic_mode: bool = False
+    dist_timeout: float = 300.0
+    parallelism_config: Optional[Dict[str, Any]] = None
+    python_log_level: Optional[str] = 'info'
+    tags: List[str] = field(default_factory=list)
+
+
+ConfigStore.instance().store(name='train_config_schema', node=TrainConfig)
+
+
+def load_config(path: str, overrides: Optional[List[str]] = None) -> DictConfig:
+    """Compose the yaml at ``path`` with Hydra ``overrides`` and validate it against :class:`TrainConfig`.
+
+    A yaml whose defaults list starts with ``train_config_schema`` is composed onto the schema, so that any
+    schema key can be overridden (``precision=amp_bf16``) and unknown keys fail during composition.
+    """
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'Config file not found: {path}')
+    config_dir, config_file = os.path.split(path)
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        try:
+            cfg = compose(config_name=os.path.splitext(config_file)[0], overrides=list(overrides or []))
+        except HydraException as error:
+            raise ValueError(f'{path}: ' + ' '.join(str(error).split())) from None
+    with open_dict(cfg):
+        if cfg.get('run_name') is None:
+            # A stable default name, so that autoresume finds the run again.
+            cfg.run_name = os.path.splitext(config_file)[0]
+    return validate_config(cfg)
+
+
+def validate_config(cfg: Any) -> DictConfig:
+    """Merge ``cfg`` into the schema; raise ``ValueError`` naming an unknown key, a wrong type or a missing field."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(cfg)
+    schema = OmegaConf.structured(TrainConfig)
+    try:
+        merged = OmegaConf.merge(schema, cfg)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ValueError(f'Missing required config key(s): {", ".join(missing)}.')
+        OmegaConf.resolve(merged)
+    except ConfigKeyError as error:
+        valid = ', '.join(TrainConfig.__dataclass_fields__)
+        raise ValueError(f'Unknown config key {error.full_key!r}. Valid top-level keys: {valid}.') from None
+    except OmegaConfBaseException as error:
+        raise ValueError(f'Invalid config key {error.full_key!r}: {error.msg.splitlines()[0]}') from None
+    for section in ('model', 'train_dataloader', 'optimizer'):
+        if 'name' not in merged[section]:
+            raise ValueError(f'Config section {section!r} needs a "name" key naming a registered builder.')
+    return merged

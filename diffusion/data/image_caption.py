@@ -1,0 +1,184 @@
+"""Image-caption training data read from MDS shards with mosaicml-streaming.
+
+Builds on ``streaming.StreamingDataset`` (sharding across ranks and workers, shuffling, local caching of remote
+shards from s3:// and other object stores, and the mid-epoch state that Composer checkpoints) and torchvision's
+transforms. Shards hold the encoded image file (``image``: PNG/JPEG bytes, decoded here so that a bad image can
+be reported by sample and source), ``caption`` and the provenance columns ``license``, ``attribution``,
+``source_url``, ``width``, ``height``.
+
+A sample becomes ``{'image': (3, R, R) float in [-1, 1], 'captions': str, 'input_ids': (77,) long,
+'sample_index': int}``; the default collate stacks them into the batch dict of shared/ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any, Optional
+
+import torch
+from composer.utils import dist
+from PIL import Image
+from streaming import StreamingDataset
+from torch.utils.data import DataLoader
+from torchvision import transforms
+from transformers import PreTrainedTokenizerBase
+
+__all__ = ['StreamingImageCaptionDataset', 'build_image_caption_dataloader', 'decode_image', 'resolve_source']
+
+CROPS = ('random', 'center')
+
+
+def decode_image(data: bytes, max_pixels: int = 1 << 26) -> Image.Image:
+    """Decode encoded image bytes to an RGB PIL image, refusing declared sizes above ``max_pixels``."""
+    image = Image.open(io.BytesIO(data))
+    if image.width * image.height > max_pixels:
+        raise ValueError(f'image of {image.width}x{image.height} pixels exceeds max_pixels={max_pixels}')
+    image.load()
+    return image.convert('RGB')
+
+
+def resolve_source(remote: Optional[str], local: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """Read a local dataset folder in place instead of copying it into a cache.
+
+    A ``remote`` that is a local folder and no ``local`` becomes ``local`` itself; object-store remotes keep
+    streaming's default cache folder (derived from the remote) unless ``local`` is given.
+    """
+    if remote is not None and local is None and '://' not in remote:
+        if not os.path.isfile(os.path.join(remote, 'index.json')):
+            raise FileNotFoundError(f'No MDS dataset at {remote!r}: {os.path.join(remote, "index.json")} is missing.')
+        return None, remote
+    return remote, local
+
+
+class StreamingImageCaptionDataset(StreamingDataset):
+    """Streaming image-caption dataset with resize, crop, flip and tokenization.
+
+    Args:
+        tokenizer (PreTrainedTokenizerBase, optional): Tokenizer for ``input_ids``; captions only when ``None``.
+        resolution (int): Side of the square output image. Default: ``256``.
+        crop (str): ``'random'`` or ``'center'`` crop after resizing the short side. Default: ``'random'``.
+        random_flip (bool): Flip horizontally with probability 0.5. Default: ``False`` (captions may say
+            "left" or "right").
+        image_key (str): Column holding the encoded image. Default: ``'image'``.
+        caption_key (str): Column holding the caption. Default: ``'caption'``.
+        max_image_pixels (int): Largest declared image size accepted, against decompression bombs.
+        **streaming_kwargs: Passed to ``StreamingDataset`` (``remote``, ``local``, ``shuffle``,
+            ``batch_size``, ``shuffle_seed``, ``validate_hash``, ...).
+    """
+
+    def __init__(
+        self,
+        *,
+        tokenizer: Optional[PreTrainedTokenizerBase] = None,
+        resolution: int = 256,
+        crop: str = 'random',
+        random_flip: bool = False,
+        image_key: str = 'image',
+        caption_key: str = 'caption',
+        max_image_pixels: int = 1 << 26,
+        **streaming_kwargs: Any,
+    ):
+        if crop not in CROPS:
+            raise ValueError(f'Unknown crop {crop!r}. Valid values: {", ".join(CROPS)}.')
+        super().__init__(**streaming_kwargs)
+        self.tokenizer = tokenizer
+        self.image_key = image_key
+        self.caption_key = caption_key
+        self.max_image_pixels = max_image_pixels
+        steps = [
+            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+            transforms.RandomCrop(resolution) if crop == 'random' else transforms.CenterCrop(resolution),
+        ]
+        if random_flip:
+            steps.append(transforms.RandomHorizontalFlip())
+        steps += [transforms.ToTensor(), transforms.Normalize([0.5], [0.5])]
+        self.transform = transforms.Compose(steps)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = super().__getitem__(index)
+        for key in (self.image_key, self.caption_key):
+            if key not in sample:
+                raise KeyError(f'Sample {index} has no column {key!r}; columns are {sorted(sample)}.')
+        try:
+            image = decode_image(sample[self.image_key], self.max_image_pixels)
+        except Exception as error:
+            source = sample.get('source_url', 'unknown source')
+            raise ValueError(f'Cannot decode the image of sample {index} ({source}): {error}') from error
+        caption = sample[self.caption_key]
+        out = {'image': self.transform(image).clamp_(-1.0, 1.0), 'captions': caption, 'sample_index': index}
+        if self.tokenizer is not None:
+            out['input_ids'] = self.tokenizer(
+                caption,
+                padding='max_length',
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors='pt',
+            ).input_ids[0]
+        return out
+
+
+def build_image_caption_dataloader(
+    remote: Optional[str] = None,
+    local: Optional[str] = None,
+    *,
+    batch_size: int,
+    tokenizer: Optional[PreTrainedTokenizerBase] = None,
+    resolution: int = 256,
+    crop: str = 'random',
+    random_flip: bool = False,
+    shuffle: bool = True,
+    shuffle_seed: int = 9176,
+    image_key: str = 'image',
+    caption_key: str = 'caption',
+    num_workers: int = 0,
+    drop_last: bool = True,
+    streaming_kwargs: Optional[dict[str, Any]] = None,
+    dataloader_kwargs: Optional[dict[str, Any]] = None,
+) -> DataLoader:
+    """A DataLoader over image-caption MDS shards.
+
+    Args:
+        remote (str, optional): Dataset location: a local folder (read in place) or an object-store URL such as
+            ``s3://bucket/path``.
+        local (str, optional): Local cache folder for a remote dataset.
+        batch_size (int): Global batch size, divided evenly across ranks.
+        tokenizer (PreTrainedTokenizerBase, optional): Supplied by the trainer from the model.
+        resolution, crop, random_flip, image_key, caption_key: See :class:`StreamingImageCaptionDataset`.
+        shuffle (bool): Shuffle samples (deterministic for ``shuffle_seed``). Default: ``True``.
+        shuffle_seed (int): Seed of the shuffle. Default: ``9176``.
+        num_workers (int): DataLoader worker processes. Default: ``0``.
+        drop_last (bool): Drop the last incomplete batch. Default: ``True``.
+        streaming_kwargs (dict, optional): More ``StreamingDataset`` arguments (``validate_hash``, ...).
+        dataloader_kwargs (dict, optional): More ``DataLoader`` arguments (``prefetch_factor``, ...).
+    """
+    world_size = dist.get_world_size()
+    if batch_size % world_size != 0:
+        raise ValueError(f'batch_size {batch_size} is not divisible by the number of ranks ({world_size}).')
+    remote, local = resolve_source(remote, local)
+    device_batch_size = batch_size // world_size
+    dataset = StreamingImageCaptionDataset(
+        remote=remote,
+        local=local,
+        tokenizer=tokenizer,
+        resolution=resolution,
+        crop=crop,
+        random_flip=random_flip,
+        image_key=image_key,
+        caption_key=caption_key,
+        shuffle=shuffle,
+        shuffle_seed=shuffle_seed,
+        batch_size=device_batch_size,
+        **(streaming_kwargs or {}),
+    )
+    dataloader_kwargs = dict(dataloader_kwargs or {})
+    if num_workers > 0:
+        dataloader_kwargs.setdefault('persistent_workers', True)
+    return DataLoader(
+        dataset,
+        batch_size=device_batch_size,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+        **dataloader_kwargs,
+    )

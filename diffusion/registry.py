@@ -1,0 +1,152 @@
+"""Named registries that configs use to pick models, data, optimizers, algorithms, callbacks and loggers.
+
+Built on ``catalogue`` (already a dependency of mosaicml-streaming), which also exposes each registry as a
+Python entry-point group (``diffusion_<registry>``) so that third-party packages can add their own entries
+without touching this repository. The registries are seeded with Composer's own components so that a yaml can
+name theirs and ours alike.
+
+A yaml section maps a registry name to the keyword arguments of its builder, for example::
+
+    algorithms:
+      ema: {half_life: 100ba, ema_start: 0.1dur}
+      low_precision_groupnorm: {}
+
+Every build goes through :meth:`Registry.build`, which checks the keyword names against the builder's
+signature first, so a misspelled key fails before anything is constructed and the error lists the valid keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import catalogue
+from composer import algorithms as composer_algorithms
+from composer import callbacks as composer_callbacks
+from composer import loggers as composer_loggers
+from composer import optim as composer_optim
+
+from diffusion.utils import check_kwargs
+
+__all__ = [
+    'Registry',
+    'algorithms',
+    'callbacks',
+    'dataloaders',
+    'loggers',
+    'models',
+    'optimizers',
+    'schedulers',
+]
+
+
+class Registry:
+    """A named registry of builders with a one-line description, backed by ``catalogue``.
+
+    Args:
+        name (str): Name of the registry, also used in error messages (e.g. ``'algorithms'``).
+        description (str): One line saying what the registered builders return.
+    """
+
+    def __init__(self, name: str, description: str):
+        self.name = name
+        self.description = description
+        self._registry = catalogue.create('diffusion', name, entry_points=True)
+
+    def register(self, name: str, func: Optional[Callable] = None) -> Callable:
+        """Register ``func`` under ``name``; usable as a decorator when ``func`` is omitted."""
+        return self._registry.register(name, func=func)
+
+    def get(self, name: str) -> Callable:
+        """Return the builder registered as ``name``, or raise a ``ValueError`` listing the valid names."""
+        if name not in self._registry:
+            raise ValueError(f'Unknown {self.name} name {name!r}. Valid names: {", ".join(self.names())}.')
+        return self._registry.get(name)
+
+    def names(self) -> list[str]:
+        """All registered names, sorted."""
+        return sorted(self._registry.get_all())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._registry
+
+    def build(self, name: str, kwargs: Optional[Mapping[str, Any]] = None, *, where: str = '', **extra: Any) -> Any:
+        """Build ``name`` with ``kwargs`` from a config plus ``extra`` arguments supplied by the code.
+
+        Args:
+            name (str): Registered name.
+            kwargs (Mapping[str, Any], optional): Keyword arguments from the config.
+            where (str): Config path of ``kwargs`` for error messages, e.g. ``'algorithms.ema'``.
+            **extra: Arguments the caller provides (e.g. the tokenizer for a dataloader); not user keys.
+        """
+        kwargs = dict(kwargs or {})
+        self.check(name, kwargs, where=where, provided=extra.keys())
+        return self.get(name)(**kwargs, **extra)
+
+    def check(self, name: str, kwargs: Optional[Mapping[str, Any]] = None, *, where: str = '', provided=()) -> None:
+        """Raise a ``ValueError`` if ``name`` is unknown or ``kwargs`` has a key its builder does not take."""
+        check_kwargs(self.get(name), kwargs or {}, where=where or f'{self.name}.{name}', provided=provided)
+
+
+models = Registry('models', 'Builders of ComposerModels (diffusion models, autoencoders).')
+dataloaders = Registry('dataloaders', 'Builders of training/eval dataloaders from streaming shards.')
+optimizers = Registry('optimizers', 'Builders of torch optimizers taking the trainable parameters as `params`.')
+schedulers = Registry('schedulers', 'Composer learning-rate schedulers.')
+algorithms = Registry('algorithms', 'Composer Algorithms (speedups and training methods) switched on from yaml.')
+callbacks = Registry('callbacks', 'Composer Callbacks (monitoring, image logging, evaluation, export).')
+loggers = Registry('loggers', 'Composer LoggerDestinations (file, TensorBoard, W&B, MLflow, ...).')
+
+# Composer's own components, under the snake_case names its docs use.
+for _name, _cls in {
+    'ema': composer_algorithms.EMA,
+    'low_precision_groupnorm': composer_algorithms.LowPrecisionGroupNorm,
+    'low_precision_layernorm': composer_algorithms.LowPrecisionLayerNorm,
+    'channels_last': composer_algorithms.ChannelsLast,
+    'gradient_clipping': composer_algorithms.GradientClipping,
+}.items():
+    algorithms.register(_name, func=_cls)
+
+for _name, _cls in {
+    'speed_monitor': composer_callbacks.SpeedMonitor,
+    'lr_monitor': composer_callbacks.LRMonitor,
+    'memory_monitor': composer_callbacks.MemoryMonitor,
+    'nan_monitor': composer_callbacks.NaNMonitor,
+    'optimizer_monitor': composer_callbacks.OptimizerMonitor,
+    'runtime_estimator': composer_callbacks.RuntimeEstimator,
+}.items():
+    callbacks.register(_name, func=_cls)
+
+for _name, _cls in {
+    'file': composer_loggers.FileLogger,
+    'tensorboard': composer_loggers.TensorboardLogger,
+    'wandb': composer_loggers.WandBLogger,
+    'mlflow': composer_loggers.MLFlowLogger,
+}.items():
+    loggers.register(_name, func=_cls)
+
+for _name, _cls in {
+    'constant': composer_optim.ConstantScheduler,
+    'constant_with_warmup': composer_optim.ConstantWithWarmupScheduler,
+    'linear_with_warmup': composer_optim.LinearWithWarmupScheduler,
+    'cosine_with_warmup': composer_optim.CosineAnnealingWithWarmupScheduler,
+    'multistep_with_warmup': composer_optim.MultiStepWithWarmupScheduler,
+}.items():
+    schedulers.register(_name, func=_cls)
+
+optimizers.register('adamw', func=__import__('torch').optim.AdamW)
+optimizers.register('decoupled_adamw', func=composer_optim.DecoupledAdamW)
+
+# This package's own components.
+from diffusion import callbacks as _callbacks  # noqa: E402
+from diffusion.data.image_caption import build_image_caption_dataloader  # noqa: E402
+from diffusion.models import autoencoder as _autoencoder  # noqa: E402
+from diffusion.models import factories as _factories  # noqa: E402
+
+models.register('stable_diffusion_2', func=_factories.stable_diffusion_2)
+models.register('tiny_stable_diffusion', func=_factories.tiny_stable_diffusion)
+models.register('autoencoder_kl', func=_autoencoder.autoencoder_kl)
+models.register('tiny_autoencoder', func=_autoencoder.tiny_autoencoder)
+dataloaders.register('image_caption', func=build_image_caption_dataloader)
+callbacks.register('log_diffusion_images', func=_callbacks.LogDiffusionImages)
+callbacks.register('prompt_following', func=_callbacks.PromptFollowing)
+callbacks.register('sample_ledger', func=_callbacks.SampleLedger)
+callbacks.register('save_pretrained', func=_callbacks.SavePretrained)

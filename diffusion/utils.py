@@ -1,0 +1,57 @@
+"""Small helpers shared across the package: checking config keys against the builders that take them."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Collection, Mapping
+
+__all__ = ['accepted_keys', 'check_kwargs', 'forwards_kwargs']
+
+
+def forwards_kwargs(*targets: Callable, exclude: Collection[str] = ()) -> Callable:
+    """Mark a builder whose ``**kwargs`` go on to ``targets``, so that config keys are checked against them too.
+
+    Args:
+        *targets (Callable): Functions or classes that receive the builder's ``**kwargs``.
+        exclude (Collection[str]): Parameters of the targets that the builder fills itself.
+    """
+
+    def mark(builder: Callable) -> Callable:
+        builder.__forwards_kwargs__ = (targets, tuple(exclude))
+        return builder
+
+    return mark
+
+
+def accepted_keys(builder: Callable) -> tuple[list[str], bool]:
+    """The keyword names ``builder`` accepts, following :func:`forwards_kwargs`, and whether it accepts any."""
+    params = inspect.signature(builder).parameters
+    names = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n != 'self']
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    forwarded = getattr(builder, '__forwards_kwargs__', None)
+    if accepts_any and forwarded is not None:
+        targets, exclude = forwarded
+        accepts_any = False
+        for target in targets:
+            target_names, target_any = accepted_keys(target)
+            names += [n for n in target_names if n not in names and n not in exclude]
+            accepts_any = accepts_any or target_any
+    return names, accepts_any
+
+
+def check_kwargs(builder: Callable, kwargs: Mapping[str, Any], *, where: str, provided: Collection[str] = ()) -> None:
+    """Raise a ``ValueError`` naming the first key of ``kwargs`` that ``builder`` does not accept.
+
+    Args:
+        builder (Callable): Function or class whose signature decides the valid keys.
+        kwargs (Mapping[str, Any]): Keyword arguments from a config.
+        where (str): Config path of ``kwargs``, used in the message (e.g. ``'algorithms.ema'``).
+        provided (Collection[str]): Keys that the code supplies itself; a config may not set them.
+    """
+    names, accepts_any = accepted_keys(builder)
+    valid = [n for n in names if n not in provided]
+    for key in kwargs:
+        if key in provided:
+            raise ValueError(f'{where}.{key} is set by the trainer and cannot be given in the config.')
+        if key not in valid and not accepts_any:
+            raise ValueError(f'Unknown key {where}.{key}. Valid keys: {", ".join(valid) or "(none)"}.')

@@ -1,0 +1,46 @@
+"""Packaging for the CommonCanvas training stack (package ``diffusion``)."""
+
+from setuptools import find_packages, setup
+
+# The pinned stack: checked to install and run together (see README "Install").
+install_requires = [
+    'torch==2.7.0',
+    'torchvision==0.22.0',
+    'mosaicml==0.32.1',
+    'mosaicml-streaming==0.13.0',
+    'transformers>=4.57,<4.58',
+    'diffusers>=0.39,<0.40',
+    'hydra-core>=1.3,<1.4',
+    'omegaconf>=2.3,<2.4',
+    'catalogue>=2.0,<3',
+    # Ships the real CLIP BPE vocabulary (open_clip/bpe_simple_vocab_16e6.txt.gz) used offline.
+    'open-clip-torch>=2.24',
+    'pillow>=10',
+    'numpy<2.3',
+    'tqdm>=4.60',
+    'safetensors>=0.4',
+    'scipy>=1.10',
+]
+
+extras_require = {
+    'dev': [
+        'pytest>=8',
+        'pytest-xdist>=3.5',
+        'ruff>=0.6',
+        'moto[server]>=5',
+        'boto3',
+        'tensorboard',
+    ],
+    'xformers': ['xformers==0.0.30'],
+}
+
+setup(
+    name='diffusion',
+    version='0.1.0',
+    description='CommonCanvas: latent diffusion training on Creative-Commons data with Composer',
+    packages=find_packages(include=['diffusion', 'diffusion.*']),
+    package_data={'diffusion.evaluation': ['prompts/*.txt']},
+    python_requires='>=3.10',
+    install_requires=install_requires,
+    extras_require=extras_require,
+)

@@ -1,0 +1,101 @@
+"""Shared fixtures: one factory of tiny models, a generated image-caption dataset, and hygiene."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion.data.synthetic import write_synthetic_dataset
+from diffusion.models import tiny_stable_diffusion
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Smaller than the demo's tiny model: the fastest size that still exercises every code path.
+TEST_UNET = dict(
+    block_out_channels=(8, 16),
+    norm_num_groups=4,
+    cross_attention_dim=16,
+    attention_head_dim=4,
+    sample_size=8,
+)
+TEST_VAE = dict(
+    block_out_channels=(8, 16),
+    down_block_types=('DownEncoderBlock2D',) * 2,
+    up_block_types=('UpDecoderBlock2D',) * 2,
+    norm_num_groups=4,
+    sample_size=16,
+)
+TEST_TEXT_ENCODER = dict(
+    hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1, projection_dim=16
+)
+# The same sizes as config overrides, for yaml-driven runs.
+TEST_MODEL_OVERRIDES = [
+    'model.name=tiny_stable_diffusion',
+    '+model.unet_config={block_out_channels:[8,16],norm_num_groups:4,cross_attention_dim:16,attention_head_dim:4,'
+    'sample_size:8}',
+    '+model.vae_config={block_out_channels:[8,16],down_block_types:[DownEncoderBlock2D,DownEncoderBlock2D],'
+    'up_block_types:[UpDecoderBlock2D,UpDecoderBlock2D],norm_num_groups:4,sample_size:16}',
+    '+model.text_encoder_config={hidden_size:16,intermediate_size:32,num_attention_heads:2,num_hidden_layers:1,'
+    'projection_dim:16}',
+]
+
+
+def build_tiny_sd(**overrides):
+    """A StableDiffusion of test size (16px images, 8x8 latents); ``overrides`` go to the factory."""
+    return tiny_stable_diffusion(
+        unet_config={**TEST_UNET, **overrides.pop('unet_config', {})},
+        vae_config={**TEST_VAE, **overrides.pop('vae_config', {})},
+        text_encoder_config={**TEST_TEXT_ENCODER, **overrides.pop('text_encoder_config', {})},
+        **overrides,
+    )
+
+
+@pytest.fixture
+def tiny_sd():
+    return build_tiny_sd()
+
+
+@pytest.fixture(scope='session')
+def synthetic_dataset(tmp_path_factory) -> str:
+    """128 synthetic image-caption samples at 32px as local MDS shards."""
+    out = str(tmp_path_factory.mktemp('synthetic') / 'train')
+    write_synthetic_dataset(out, num_samples=128, seed=0, image_size=32, progress=False)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A real S3 API (moto's server mode) on 127.0.0.1 with a bucket ``test-bucket``; yields the endpoint URL."""
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address='127.0.0.1', port=port, verbose=False)
+    server.start()
+    endpoint = f'http://127.0.0.1:{port}'
+    for key, value in {
+        'AWS_ACCESS_KEY_ID': 'testing',
+        'AWS_SECRET_ACCESS_KEY': 'testing',
+        'AWS_DEFAULT_REGION': 'us-east-1',
+        'S3_ENDPOINT_URL': endpoint,
+    }.items():
+        monkeypatch.setenv(key, value)
+    boto3.client('s3', endpoint_url=endpoint).create_bucket(Bucket='test-bucket')
+    yield endpoint
+    server.stop()

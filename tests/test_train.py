@@ -1,0 +1,149 @@
+"""End-to-end training through the config path: learning, resumption and multi-process runs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from composer.core import Callback
+
+from diffusion.config import load_config
+from diffusion.train import build_trainer
+from tests.conftest import REPO_ROOT, TEST_MODEL_OVERRIDES
+
+TINY_YAML = os.path.join(REPO_ROOT, 'yamls', 'tiny_sd_cpu.yaml')
+
+
+class LossRecorder(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def after_train_batch(self, state, logger):
+        self.losses.append(float(state.loss))
+
+
+def tiny_config(data: str, run_folder: str, *overrides: str):
+    return load_config(
+        TINY_YAML,
+        [
+            *TEST_MODEL_OVERRIDES,
+            f'train_dataloader.remote={data}',
+            'train_dataloader.resolution=16',
+            f'run_folder={run_folder}',
+            'progress_bar=false',
+            *overrides,
+        ],
+    )
+
+
+def read_ledger(folder, rank=0):
+    with open(os.path.join(folder, 'ledger', f'rank{rank}.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_loss_decreases_on_synthetic_data(synthetic_dataset, tmp_path):
+    cfg = tiny_config(
+        synthetic_dataset,
+        str(tmp_path),
+        'max_duration=40ba',
+        'optimizer.lr=2e-3',
+        'save_folder=null',
+        'train_dataloader.batch_size=16',
+    )
+    trainer = build_trainer(cfg)
+    recorder = LossRecorder()
+    trainer.state.callbacks.append(recorder)
+    trainer.fit()
+    first, last = recorder.losses[:8], recorder.losses[-8:]
+    assert len(recorder.losses) == 40
+    assert sum(last) / 8 < 0.85 * sum(first) / 8, recorder.losses
+
+
+def unet_state(trainer):
+    return {k: v.clone() for k, v in trainer.state.model.unet.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint_continues_at_saved_batch(synthetic_dataset, tmp_path):
+    # 128 samples in batches of 16: batch 3 is in the middle of the first epoch.
+    common = ('train_dataloader.batch_size=16', 'save_interval=3ba')  # shuffled (the default)
+    full = build_trainer(tiny_config(synthetic_dataset, str(tmp_path / 'full'), 'max_duration=6ba', *common))
+    full.fit()
+
+    first = build_trainer(tiny_config(synthetic_dataset, str(tmp_path / 'part'), 'max_duration=3ba', *common))
+    first.fit()
+    checkpoint = tmp_path / 'part' / 'checkpoints' / 'ep0-ba3-rank0.pt'
+    assert checkpoint.exists()
+
+    resumed = build_trainer(
+        tiny_config(
+            synthetic_dataset, str(tmp_path / 'resumed'), 'max_duration=6ba', f'load_path={checkpoint}', *common
+        )
+    )
+    assert int(resumed.state.timestamp.batch) == 3
+    # Same weights and optimizer state as when the first run stopped.
+    for key, value in unet_state(first).items():
+        assert torch.equal(unet_state(resumed)[key], value), key
+    saved = first.state.optimizers[0].state_dict()['state']
+    loaded = resumed.state.optimizers[0].state_dict()['state']
+    assert saved.keys() == loaded.keys() and len(saved) > 0
+    for index in saved:
+        for name in ('exp_avg', 'exp_avg_sq', 'step'):
+            assert torch.equal(saved[index][name], loaded[index][name]), (index, name)
+    resumed.fit()
+    assert int(resumed.state.timestamp.batch) == 6
+
+    # Same data position: the resumed run trains on exactly the samples of batches 3-5 of the full run.
+    full_ledger = read_ledger(tmp_path / 'full')
+    resumed_ledger = read_ledger(tmp_path / 'resumed')
+    assert [r['batch'] for r in resumed_ledger] == [3, 4, 5]
+    assert [r['samples'] for r in resumed_ledger] == [r['samples'] for r in full_ledger[3:]]
+
+
+@pytest.mark.slow
+def test_autoresume_picks_up_the_latest_checkpoint(synthetic_dataset, tmp_path):
+    common = (
+        'train_dataloader.batch_size=16',
+        'save_interval=2ba',
+        'autoresume=true',
+        'run_name=auto',
+        'save_overwrite=false',
+    )
+    build_trainer(tiny_config(synthetic_dataset, str(tmp_path), 'max_duration=2ba', *common)).fit()
+    again = build_trainer(tiny_config(synthetic_dataset, str(tmp_path), 'max_duration=4ba', *common))
+    assert int(again.state.timestamp.batch) == 2
+    again.fit()
+    assert [r['batch'] for r in read_ledger(tmp_path)] == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_two_process_run_sees_disjoint_samples(synthetic_dataset, tmp_path):
+    env = {**os.environ, 'PYTHONPATH': REPO_ROOT}
+    command = [
+        os.path.join(os.path.dirname(sys.executable), 'composer'),
+        '-n',
+        '2',
+        'train.py',
+        TINY_YAML,
+        *TEST_MODEL_OVERRIDES,
+        f'train_dataloader.remote={synthetic_dataset}',
+        'train_dataloader.resolution=16',
+        f'run_folder={tmp_path}',
+        'progress_bar=false',
+        'max_duration=4ba',
+        'train_dataloader.batch_size=8',
+        'save_interval=4ba',
+    ]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rank0, rank1 = read_ledger(tmp_path, 0), read_ledger(tmp_path, 1)
+    assert [r['batch'] for r in rank0] == [r['batch'] for r in rank1] == [0, 1, 2, 3]
+    seen0 = [i for r in rank0 for i in r['samples']]
+    seen1 = [i for r in rank1 for i in r['samples']]
+    assert len(seen0) == len(seen1) == 16  # 4 samples per rank per batch
+    assert not set(seen0) & set(seen1)
+    assert len(set(seen0) | set(seen1)) == 32
+    assert (tmp_path / 'checkpoints' / 'ep0-ba4-rank0.pt').exists()
