@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion.config import load_config
 from diffusion.data.synthetic import write_synthetic_dataset
 from diffusion.models import tiny_stable_diffusion
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_YAML = os.path.join(REPO_ROOT, 'yamls', 'tiny_sd_cpu.yaml')
 
 # Smaller than the demo's tiny model: the fastest size that still exercises every code path.
 TEST_UNET = dict(
@@ -42,6 +44,21 @@ TEST_MODEL_OVERRIDES = [
     '+model.text_encoder_config={hidden_size:16,intermediate_size:32,num_attention_heads:2,num_hidden_layers:1,'
     'projection_dim:16}',
 ]
+
+
+def tiny_config(data: str, run_folder: str, *overrides: str):
+    """yamls/tiny_sd_cpu.yaml at test size on ``data`` (16px), writing to ``run_folder``."""
+    return load_config(
+        TINY_YAML,
+        [
+            *TEST_MODEL_OVERRIDES,
+            f'train_dataloader.remote={data}',
+            'train_dataloader.resolution=16',
+            f'run_folder={run_folder}',
+            'progress_bar=false',
+            *overrides,
+        ],
+    )
 
 
 def build_tiny_sd(**overrides):

@@ -9,11 +9,8 @@ import pytest
 import torch
 from composer.core import Callback
 
-from diffusion.config import load_config
 from diffusion.train import build_trainer
-from tests.conftest import REPO_ROOT, TEST_MODEL_OVERRIDES
-
-TINY_YAML = os.path.join(REPO_ROOT, 'yamls', 'tiny_sd_cpu.yaml')
+from tests.conftest import REPO_ROOT, TEST_MODEL_OVERRIDES, TINY_YAML, tiny_config
 
 
 class LossRecorder(Callback):
@@ -22,20 +19,6 @@ class LossRecorder(Callback):
 
     def after_train_batch(self, state, logger):
         self.losses.append(float(state.loss))
-
-
-def tiny_config(data: str, run_folder: str, *overrides: str):
-    return load_config(
-        TINY_YAML,
-        [
-            *TEST_MODEL_OVERRIDES,
-            f'train_dataloader.remote={data}',
-            'train_dataloader.resolution=16',
-            f'run_folder={run_folder}',
-            'progress_bar=false',
-            *overrides,
-        ],
-    )
 
 
 def read_ledger(folder, rank=0):

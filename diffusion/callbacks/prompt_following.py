@@ -37,6 +37,8 @@ class PromptFollowing(Callback):
         num_inference_steps (int): Sampler steps. Default: ``30``.
         scheduler (str, optional): Sampler name; default: the model's.
         batch_size (int): Prompts sampled at once. Default: ``32``.
+        grid_columns (int, optional): Images per row of the grid, which holds every seed of a prompt side by side
+            (the demo uses 6: three shapes of one colour, two seeds each). Default: about the square root.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class PromptFollowing(Callback):
         num_inference_steps: int = 30,
         scheduler: Optional[str] = None,
         batch_size: int = 32,
+        grid_columns: Optional[int] = None,
     ):
         self.prompts = load_prompts(prompts_file)
         if not self.prompts:
@@ -64,6 +67,7 @@ class PromptFollowing(Callback):
             guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, scheduler=scheduler
         )
         self.batch_size = batch_size
+        self.grid_columns = grid_columns
         self.last_result: Optional[dict] = None
 
     def batch_end(self, state: State, logger: Logger) -> None:
@@ -74,14 +78,17 @@ class PromptFollowing(Callback):
         self.evaluate(state, logger, final=True)
 
     def sample(self, model) -> tuple[torch.Tensor, list[str]]:
-        """Images (P * S, 3, H, W) for every prompt and seed, seed-major, and the matching prompt list."""
-        images, prompts = [], []
+        """Images (P * S, 3, H, W) for every prompt and seed, prompt-major, and the matching prompt list."""
+        per_seed = []
         for seed in self.seeds:
+            chunks = []
             for start in range(0, len(self.prompts), self.batch_size):
                 chunk = self.prompts[start : start + self.batch_size]
-                images.append(model.generate(chunk, seed=seed * 100_003 + start, **self.generate_kwargs))
-                prompts.extend(chunk)
-        return torch.cat(images), prompts
+                chunks.append(model.generate(chunk, seed=seed * 100_003 + start, **self.generate_kwargs))
+            per_seed.append(torch.cat(chunks))
+        images = torch.stack(per_seed, dim=1).flatten(0, 1)  # (P, S, ...) -> P * S, seeds of a prompt adjacent
+        prompts = [prompt for prompt in self.prompts for _ in self.seeds]
+        return images, prompts
 
     def evaluate(self, state: State, logger: Logger, final: bool = False) -> dict:
         model = state.model.module if hasattr(state.model, 'module') else state.model
@@ -92,7 +99,7 @@ class PromptFollowing(Callback):
         self.last_result = result
         if dist.get_global_rank() == 0:
             grid_name = 'samples.png' if final else f'samples_batch_{batch:07d}.png'
-            save_image_grid(images, os.path.join(self.folder, grid_name), nrow=len(self.prompts) // 3 or None)
+            save_image_grid(images, os.path.join(self.folder, grid_name), nrow=self.grid_columns)
             report = {'batch': batch, 'num_images': len(prompts), 'seeds': self.seeds, **self.generate_kwargs, **result}
             path = os.path.join(self.folder, self.results_filename)
             with open(path + '.tmp', 'w') as f:
