@@ -20,11 +20,15 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Optional
 
 import catalogue
+import torch
 from composer import algorithms as composer_algorithms
 from composer import callbacks as composer_callbacks
 from composer import loggers as composer_loggers
 from composer import optim as composer_optim
 
+from diffusion import callbacks as our_callbacks
+from diffusion.data.image_caption import build_image_caption_dataloader
+from diffusion.models import autoencoder, factories
 from diffusion.utils import check_kwargs
 
 __all__ = [
@@ -55,6 +59,11 @@ class Registry:
     def register(self, name: str, func: Optional[Callable] = None) -> Callable:
         """Register ``func`` under ``name``; usable as a decorator when ``func`` is omitted."""
         return self._registry.register(name, func=func)
+
+    def register_all(self, builders: Mapping[str, Callable]) -> None:
+        """Register each ``name: builder`` of ``builders``."""
+        for name, builder in builders.items():
+            self.register(name, func=builder)
 
     def get(self, name: str) -> Callable:
         """Return the builder registered as ``name``, or raise a ``ValueError`` listing the valid names."""
@@ -95,58 +104,54 @@ algorithms = Registry('algorithms', 'Composer Algorithms (speedups and training 
 callbacks = Registry('callbacks', 'Composer Callbacks (monitoring, image logging, evaluation, export).')
 loggers = Registry('loggers', 'Composer LoggerDestinations (file, TensorBoard, W&B, MLflow, ...).')
 
-# Composer's own components, under the snake_case names its docs use.
-for _name, _cls in {
-    'ema': composer_algorithms.EMA,
-    'low_precision_groupnorm': composer_algorithms.LowPrecisionGroupNorm,
-    'low_precision_layernorm': composer_algorithms.LowPrecisionLayerNorm,
-    'channels_last': composer_algorithms.ChannelsLast,
-    'gradient_clipping': composer_algorithms.GradientClipping,
-}.items():
-    algorithms.register(_name, func=_cls)
-
-for _name, _cls in {
-    'speed_monitor': composer_callbacks.SpeedMonitor,
-    'lr_monitor': composer_callbacks.LRMonitor,
-    'memory_monitor': composer_callbacks.MemoryMonitor,
-    'nan_monitor': composer_callbacks.NaNMonitor,
-    'optimizer_monitor': composer_callbacks.OptimizerMonitor,
-    'runtime_estimator': composer_callbacks.RuntimeEstimator,
-}.items():
-    callbacks.register(_name, func=_cls)
-
-for _name, _cls in {
-    'file': composer_loggers.FileLogger,
-    'tensorboard': composer_loggers.TensorboardLogger,
-    'wandb': composer_loggers.WandBLogger,
-    'mlflow': composer_loggers.MLFlowLogger,
-}.items():
-    loggers.register(_name, func=_cls)
-
-for _name, _cls in {
-    'constant': composer_optim.ConstantScheduler,
-    'constant_with_warmup': composer_optim.ConstantWithWarmupScheduler,
-    'linear_with_warmup': composer_optim.LinearWithWarmupScheduler,
-    'cosine_with_warmup': composer_optim.CosineAnnealingWithWarmupScheduler,
-    'multistep_with_warmup': composer_optim.MultiStepWithWarmupScheduler,
-}.items():
-    schedulers.register(_name, func=_cls)
-
-optimizers.register('adamw', func=__import__('torch').optim.AdamW)
-optimizers.register('decoupled_adamw', func=composer_optim.DecoupledAdamW)
-
-# This package's own components.
-from diffusion import callbacks as _callbacks  # noqa: E402
-from diffusion.data.image_caption import build_image_caption_dataloader  # noqa: E402
-from diffusion.models import autoencoder as _autoencoder  # noqa: E402
-from diffusion.models import factories as _factories  # noqa: E402
-
-models.register('stable_diffusion_2', func=_factories.stable_diffusion_2)
-models.register('tiny_stable_diffusion', func=_factories.tiny_stable_diffusion)
-models.register('autoencoder_kl', func=_autoencoder.autoencoder_kl)
-models.register('tiny_autoencoder', func=_autoencoder.tiny_autoencoder)
-dataloaders.register('image_caption', func=build_image_caption_dataloader)
-callbacks.register('log_diffusion_images', func=_callbacks.LogDiffusionImages)
-callbacks.register('prompt_following', func=_callbacks.PromptFollowing)
-callbacks.register('sample_ledger', func=_callbacks.SampleLedger)
-callbacks.register('save_pretrained', func=_callbacks.SavePretrained)
+# Composer's own components under the snake_case names of its docs, and this package's.
+algorithms.register_all(
+    {
+        'ema': composer_algorithms.EMA,
+        'low_precision_groupnorm': composer_algorithms.LowPrecisionGroupNorm,
+        'low_precision_layernorm': composer_algorithms.LowPrecisionLayerNorm,
+        'channels_last': composer_algorithms.ChannelsLast,
+        'gradient_clipping': composer_algorithms.GradientClipping,
+    }
+)
+callbacks.register_all(
+    {
+        'speed_monitor': composer_callbacks.SpeedMonitor,
+        'lr_monitor': composer_callbacks.LRMonitor,
+        'memory_monitor': composer_callbacks.MemoryMonitor,
+        'nan_monitor': composer_callbacks.NaNMonitor,
+        'optimizer_monitor': composer_callbacks.OptimizerMonitor,
+        'runtime_estimator': composer_callbacks.RuntimeEstimator,
+        'log_diffusion_images': our_callbacks.LogDiffusionImages,
+        'prompt_following': our_callbacks.PromptFollowing,
+        'sample_ledger': our_callbacks.SampleLedger,
+        'save_pretrained': our_callbacks.SavePretrained,
+    }
+)
+loggers.register_all(
+    {
+        'file': composer_loggers.FileLogger,
+        'tensorboard': composer_loggers.TensorboardLogger,
+        'wandb': composer_loggers.WandBLogger,
+        'mlflow': composer_loggers.MLFlowLogger,
+    }
+)
+schedulers.register_all(
+    {
+        'constant': composer_optim.ConstantScheduler,
+        'constant_with_warmup': composer_optim.ConstantWithWarmupScheduler,
+        'linear_with_warmup': composer_optim.LinearWithWarmupScheduler,
+        'cosine_with_warmup': composer_optim.CosineAnnealingWithWarmupScheduler,
+        'multistep_with_warmup': composer_optim.MultiStepWithWarmupScheduler,
+    }
+)
+optimizers.register_all({'adamw': torch.optim.AdamW, 'decoupled_adamw': composer_optim.DecoupledAdamW})
+models.register_all(
+    {
+        'stable_diffusion_2': factories.stable_diffusion_2,
+        'tiny_stable_diffusion': factories.tiny_stable_diffusion,
+        'autoencoder_kl': autoencoder.autoencoder_kl,
+        'tiny_autoencoder': autoencoder.tiny_autoencoder,
+    }
+)
+dataloaders.register_all({'image_caption': build_image_caption_dataloader})

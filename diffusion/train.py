@@ -7,7 +7,6 @@ store, autoresume, DDP or FSDP, precision, microbatching) is Composer's ``Traine
 from __future__ import annotations
 
 import inspect
-import logging
 import os
 from typing import Any, Optional
 
@@ -29,8 +28,6 @@ __all__ = [
     'build_trainer',
     'train',
 ]
-
-log = logging.getLogger(__name__)
 
 
 def _section(cfg: Any) -> dict[str, Any]:
