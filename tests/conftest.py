@@ -13,6 +13,9 @@ from diffusion.config import load_config
 from diffusion.data.synthetic import write_synthetic_dataset
 from diffusion.models import tiny_stable_diffusion
 
+# Tests build every model from configs or local folders: any attempt to reach a model hub is a bug.
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_YAML = os.path.join(REPO_ROOT, 'yamls', 'tiny_sd_cpu.yaml')
 

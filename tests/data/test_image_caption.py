@@ -29,20 +29,34 @@ def test_samples_are_normalised_tokenized_and_match_their_captions(synthetic_dat
         assert dominant_color((sample['image'] + 1) / 2) == record['color']
 
 
-def test_center_crop_is_deterministic_and_random_crop_varies(tmp_path):
+def write_gradient_dataset(out: str) -> str:
+    """One 64x32 image whose columns all differ, so every crop position and a flip give other pixels."""
     import io
 
     import numpy as np
     from PIL import Image
     from streaming import MDSWriter
 
-    # A 64x32 image whose columns differ, so that every horizontal crop position gives other pixels.
     pixels = np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (32, 1, 3))
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format='PNG')
-    out = str(tmp_path / 'wide')
     with MDSWriter(out=out, columns={'image': 'bytes', 'caption': 'str'}) as writer:
         writer.write({'image': buffer.getvalue(), 'caption': 'a gradient'})
+    return out
+
+
+def test_random_flip_mirrors_about_half_the_samples(tmp_path):
+    out = write_gradient_dataset(str(tmp_path / 'wide'))
+    plain = StreamingImageCaptionDataset(local=out, resolution=32, crop='center')[0]['image']
+    flipping = StreamingImageCaptionDataset(local=out, resolution=32, crop='center', random_flip=True)
+    draws = [flipping[0]['image'] for _ in range(40)]
+    flipped = sum(torch.equal(d, plain.flip(-1)) for d in draws)
+    assert sum(torch.equal(d, plain) for d in draws) + flipped == 40
+    assert 8 <= flipped <= 32
+
+
+def test_center_crop_is_deterministic_and_random_crop_varies(tmp_path):
+    out = write_gradient_dataset(str(tmp_path / 'wide'))
     center = StreamingImageCaptionDataset(local=out, resolution=16, crop='center')
     assert center[0]['image'].shape == (3, 16, 16)
     assert torch.equal(center[0]['image'], center[0]['image'])
