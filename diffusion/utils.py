@@ -1,11 +1,13 @@
-"""Small helpers shared across the package: checking config keys against the builders that take them."""
+"""Small helpers shared across the package: config-key checks against builders, unwrapping DDP."""
 
 from __future__ import annotations
 
 import inspect
 from typing import Any, Callable, Collection, Mapping
 
-__all__ = ['accepted_keys', 'check_kwargs', 'forwards_kwargs']
+from torch.nn.parallel import DistributedDataParallel
+
+__all__ = ['accepted_keys', 'check_kwargs', 'forwards_kwargs', 'unwrap_model']
 
 
 def forwards_kwargs(*targets: Callable, exclude: Collection[str] = ()) -> Callable:
@@ -55,3 +57,8 @@ def check_kwargs(builder: Callable, kwargs: Mapping[str, Any], *, where: str, pr
             raise ValueError(f'{where}.{key} is set by the trainer and cannot be given in the config.')
         if key not in valid and not accepts_any:
             raise ValueError(f'Unknown key {where}.{key}. Valid keys: {", ".join(valid) or "(none)"}.')
+
+
+def unwrap_model(model: Any) -> Any:
+    """The ComposerModel inside a ``DistributedDataParallel`` wrapper (Composer wraps ``state.model`` under DDP)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model

@@ -119,6 +119,8 @@ def test_two_process_run_sees_disjoint_samples(synthetic_dataset, tmp_path):
         'max_duration=4ba',
         'train_dataloader.batch_size=8',
         'save_interval=4ba',
+        # Under DDP the callbacks must reach the model inside the wrapper.
+        f'+callbacks.save_pretrained={{folder:{tmp_path}/pretrained,components:[unet]}}',
     ]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -130,3 +132,4 @@ def test_two_process_run_sees_disjoint_samples(synthetic_dataset, tmp_path):
     assert not set(seen0) & set(seen1)
     assert len(set(seen0) | set(seen1)) == 32
     assert (tmp_path / 'checkpoints' / 'ep0-ba4-rank0.pt').exists()
+    assert (tmp_path / 'pretrained' / 'unet' / 'diffusion_pytorch_model.safetensors').exists()

@@ -16,6 +16,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from diffusion.callbacks.image_grid import save_image_grid
+from diffusion.utils import unwrap_model
 
 __all__ = ['LogDiffusionImages']
 
@@ -84,7 +85,7 @@ class LogDiffusionImages(Callback):
         if batch == self._last_logged_batch:
             return
         self._last_logged_batch = batch
-        model = state.model.module if hasattr(state.model, 'module') else state.model
+        model = unwrap_model(state.model)
         images = model.generate(self.prompts, seed=self.seed, **self.generate_kwargs)
         logger.log_images(images, name='samples', step=batch)
         if dist.get_global_rank() == 0:

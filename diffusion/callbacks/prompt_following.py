@@ -20,6 +20,7 @@ from composer.utils import dist
 
 from diffusion.callbacks.image_grid import save_image_grid
 from diffusion.evaluation.prompt_following import DEMO_PROMPTS_PATH, load_prompts, score_prompt_following
+from diffusion.utils import unwrap_model
 
 __all__ = ['PromptFollowing']
 
@@ -91,7 +92,7 @@ class PromptFollowing(Callback):
         return images, prompts
 
     def evaluate(self, state: State, logger: Logger, final: bool = False) -> dict:
-        model = state.model.module if hasattr(state.model, 'module') else state.model
+        model = unwrap_model(state.model)
         images, prompts = self.sample(model)
         result = score_prompt_following(images.cpu(), prompts)
         batch = int(state.timestamp.batch)

@@ -15,6 +15,8 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from diffusion.utils import unwrap_model
+
 __all__ = ['SavePretrained']
 
 
@@ -31,7 +33,7 @@ class SavePretrained(Callback):
         self.components = list(components)
 
     def fit_end(self, state: State, logger: Logger) -> None:
-        model = state.model.module if hasattr(state.model, 'module') else state.model
+        model = unwrap_model(state.model)
         for name in self.components:
             if not hasattr(getattr(model, name, None), 'save_pretrained'):
                 raise ValueError(f'SavePretrained: the model has no component {name!r} with save_pretrained.')
