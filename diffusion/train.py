@@ -11,7 +11,7 @@ import os
 from typing import Any, Optional
 
 import torch
-from composer import Trainer
+from composer import Callback, Trainer
 from composer.devices import DeviceCPU, DeviceGPU
 from composer.utils import dist, reproducibility
 from omegaconf import DictConfig, OmegaConf
@@ -83,6 +83,33 @@ def check_sections(cfg: DictConfig) -> None:
             getattr(registry, section).check(name, kwargs, where=f'{section}.{name}')
 
 
+class RestoreRngMidEpoch(Callback):
+    """Restore a mid-epoch checkpoint's RNG state just before the first resumed batch is fetched.
+
+    Composer 0.32 restores the checkpoint's per-rank RNG mid-epoch only when it fast-forwards ("spins") the
+    dataloader; with StreamingDataset's own resumption, which we use, the RNG would restart from the seed and the
+    resumed run would draw other timesteps and noise than an uninterrupted one. ``BEFORE_DATALOADER`` fires after
+    the new iterator is created (which itself draws a seed), so restoring there reproduces the uninterrupted stream.
+    """
+
+    def __init__(self, rng_state: list[dict[str, Any]]):
+        self.rng_state = rng_state
+
+    def before_dataloader(self, state, logger) -> None:
+        if self.rng_state is not None:
+            reproducibility.load_rng_state(self.rng_state)
+            self.rng_state = None
+
+
+def _restore_rng_mid_epoch(trainer: Trainer) -> None:
+    # `_rng_state` is where Composer 0.32.1 keeps the loaded checkpoint's RNG until it uses it; tests in
+    # tests/test_train.py fail if a Composer upgrade moves it.
+    rng_state = getattr(trainer, '_rng_state', None)
+    if rng_state is not None and int(trainer.state.timestamp.batch_in_epoch) > 0:
+        trainer.state.callbacks.append(RestoreRngMidEpoch(rng_state))
+        trainer._rng_state = None
+
+
 def build_trainer(cfg: Any) -> Trainer:
     """Validate ``cfg`` and build the Trainer (nothing is trained)."""
     cfg = validate_config(cfg)
@@ -106,7 +133,7 @@ def build_trainer(cfg: Any) -> Trainer:
         kwargs = _section(cfg.scheduler)
         scheduler = registry.schedulers.build(kwargs.pop('name'), kwargs, where='scheduler')
 
-    return Trainer(
+    trainer = Trainer(
         run_name=cfg.run_name,
         model=model,
         train_dataloader=train_dataloader,
@@ -138,6 +165,8 @@ def build_trainer(cfg: Any) -> Trainer:
         parallelism_config=_section(cfg.parallelism_config) if cfg.parallelism_config is not None else None,
         python_log_level=cfg.python_log_level,
     )
+    _restore_rng_mid_epoch(trainer)
+    return trainer
 
 
 def train(cfg: Any) -> Trainer:

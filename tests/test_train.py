@@ -84,6 +84,9 @@ def test_resume_from_checkpoint_continues_at_saved_batch(synthetic_dataset, tmp_
     resumed_ledger = read_ledger(tmp_path / 'resumed')
     assert [r['batch'] for r in resumed_ledger] == [3, 4, 5]
     assert [r['samples'] for r in resumed_ledger] == [r['samples'] for r in full_ledger[3:]]
+    # Same RNG stream (timesteps, noise, caption dropout): the weights end bit-identical to the uninterrupted run.
+    for key, value in unet_state(full).items():
+        assert torch.equal(unet_state(resumed)[key], value), key
 
 
 @pytest.mark.slow
@@ -102,28 +105,36 @@ def test_autoresume_picks_up_the_latest_checkpoint(synthetic_dataset, tmp_path):
     assert [r['batch'] for r in read_ledger(tmp_path)] == [0, 1, 2, 3]
 
 
-@pytest.mark.slow
-def test_two_process_run_sees_disjoint_samples(synthetic_dataset, tmp_path):
+def composer_run(*overrides: str, processes: int = 2):
+    """``composer -n <processes> train.py yamls/tiny_sd_cpu.yaml`` at test size; returns the completed process."""
     env = {**os.environ, 'PYTHONPATH': REPO_ROOT}
     command = [
         os.path.join(os.path.dirname(sys.executable), 'composer'),
         '-n',
-        '2',
+        str(processes),
         'train.py',
         TINY_YAML,
         *TEST_MODEL_OVERRIDES,
-        f'train_dataloader.remote={synthetic_dataset}',
         'train_dataloader.resolution=16',
-        f'run_folder={tmp_path}',
         'progress_bar=false',
+        *overrides,
+    ]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_two_process_run_sees_disjoint_samples(synthetic_dataset, tmp_path):
+    composer_run(
+        f'train_dataloader.remote={synthetic_dataset}',
+        f'run_folder={tmp_path}',
         'max_duration=4ba',
         'train_dataloader.batch_size=8',
         'save_interval=4ba',
         # Under DDP the callbacks must reach the model inside the wrapper.
         f'+callbacks.save_pretrained={{folder:{tmp_path}/pretrained,components:[unet]}}',
-    ]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    )
     rank0, rank1 = read_ledger(tmp_path, 0), read_ledger(tmp_path, 1)
     assert [r['batch'] for r in rank0] == [r['batch'] for r in rank1] == [0, 1, 2, 3]
     seen0 = [i for r in rank0 for i in r['samples']]
@@ -133,3 +144,30 @@ def test_two_process_run_sees_disjoint_samples(synthetic_dataset, tmp_path):
     assert len(set(seen0) | set(seen1)) == 32
     assert (tmp_path / 'checkpoints' / 'ep0-ba4-rank0.pt').exists()
     assert (tmp_path / 'pretrained' / 'unet' / 'diffusion_pytorch_model.safetensors').exists()
+
+
+@pytest.mark.slow
+def test_two_process_resume_is_bit_exact(synthetic_dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    def run(folder, *overrides):
+        composer_run(
+            f'train_dataloader.remote={synthetic_dataset}',
+            f'run_folder={tmp_path / folder}',
+            'train_dataloader.batch_size=8',
+            'save_interval=2ba',
+            f'+callbacks.save_pretrained={{folder:{tmp_path / folder}/pretrained,components:[unet]}}',
+            *overrides,
+        )
+        return load_file(tmp_path / folder / 'pretrained' / 'unet' / 'diffusion_pytorch_model.safetensors')
+
+    full = run('full', 'max_duration=4ba')
+    run('part', 'max_duration=2ba')
+    resumed = run('resumed', 'max_duration=4ba', f'load_path={tmp_path}/part/checkpoints/ep0-ba2-rank0.pt')
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+    for rank in (0, 1):
+        assert [r['samples'] for r in read_ledger(tmp_path / 'resumed', rank)] == [
+            r['samples'] for r in read_ledger(tmp_path / 'full', rank)[2:]
+        ]
