@@ -20,7 +20,7 @@ import torch
 from diffusion.models import stable_diffusion_2, tiny_stable_diffusion
 
 CASES = {
-    # name: (factory, resolution, text caption)
+    # name: (factory, image resolution in pixels)
     'tiny': (tiny_stable_diffusion, 32),
     'sd2': (stable_diffusion_2, 256),
 }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -62,6 +64,23 @@ def tiny_config(data: str, run_folder: str, *overrides: str):
             *overrides,
         ],
     )
+
+
+def run_composer(yaml: str, *overrides: str, processes: int = 1) -> str:
+    """``composer -n <processes> train.py <yaml> <overrides>`` from the repo root; asserts success, returns stdout."""
+    command = [
+        os.path.join(os.path.dirname(sys.executable), 'composer'),
+        '-n',
+        str(processes),
+        'train.py',
+        yaml,
+        *overrides,
+    ]
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, env={**os.environ, 'PYTHONPATH': REPO_ROOT}, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
 
 
 def build_tiny_sd(**overrides):

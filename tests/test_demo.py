@@ -3,39 +3,27 @@
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO_ROOT
-
-
-def composer(*args, cwd):
-    command = [os.path.join(os.path.dirname(sys.executable), 'composer'), '-n', '1', 'train.py', *args]
-    result = subprocess.run(
-        command, cwd=cwd, env={**os.environ, 'PYTHONPATH': REPO_ROOT}, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+from tests.conftest import run_composer
 
 
 @pytest.mark.slow
 def test_demo_pipeline_runs_end_to_end(synthetic_dataset, tmp_path):
     ae_folder, sd_folder = tmp_path / 'ae', tmp_path / 'sd'
-    composer(
+    run_composer(
         'yamls/demo_autoencoder.yaml',
         f'train_dataloader.remote={synthetic_dataset}',
         'max_duration=4ba',
         f'run_folder={ae_folder}',
         'progress_bar=false',
-        cwd=REPO_ROOT,
     )
     vae_config = json.loads((ae_folder / 'pretrained' / 'vae' / 'config.json').read_text())
     assert vae_config['scaling_factor'] != 1.0  # calibrated from the latent statistics
 
-    out = composer(
+    out = run_composer(
         'yamls/demo.yaml',
         f'model.pretrained_model_name_or_path={ae_folder}/pretrained',
         f'train_dataloader.remote={synthetic_dataset}',
@@ -50,7 +38,6 @@ def test_demo_pipeline_runs_end_to_end(synthetic_dataset, tmp_path):
         'callbacks.log_diffusion_images.num_inference_steps=2',
         'callbacks.prompt_following.seeds=[0]',
         'callbacks.prompt_following.num_inference_steps=2',
-        cwd=REPO_ROOT,
     )
     score = re.search(r'^prompt_following_color: (\d\.\d\d)$', out, re.MULTILINE)
     assert score, out[-2000:]

@@ -2,15 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from composer.core import Callback
 
 from diffusion.train import build_trainer
-from tests.conftest import REPO_ROOT, TEST_MODEL_OVERRIDES, TINY_YAML, tiny_config
+from tests.conftest import TEST_MODEL_OVERRIDES, TINY_YAML, run_composer, tiny_config
 
 
 class LossRecorder(Callback):
@@ -105,23 +103,16 @@ def test_autoresume_picks_up_the_latest_checkpoint(synthetic_dataset, tmp_path):
     assert [r['batch'] for r in read_ledger(tmp_path)] == [0, 1, 2, 3]
 
 
-def composer_run(*overrides: str, processes: int = 2):
-    """``composer -n <processes> train.py yamls/tiny_sd_cpu.yaml`` at test size; returns the completed process."""
-    env = {**os.environ, 'PYTHONPATH': REPO_ROOT}
-    command = [
-        os.path.join(os.path.dirname(sys.executable), 'composer'),
-        '-n',
-        str(processes),
-        'train.py',
+def composer_run(*overrides: str):
+    """``composer -n 2 train.py yamls/tiny_sd_cpu.yaml`` at test size."""
+    return run_composer(
         TINY_YAML,
         *TEST_MODEL_OVERRIDES,
         'train_dataloader.resolution=16',
         'progress_bar=false',
         *overrides,
-    ]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+        processes=2,
+    )
 
 
 @pytest.mark.slow
