@@ -20,6 +20,10 @@ install_requires = [
     'tqdm>=4.60',
     'safetensors>=0.4',
     'scipy>=1.10',
+    # Parquet inputs of the data pipeline (CommonCatalog ships as parquet).
+    'pyarrow>=14',
+    # Bar chart of the license mix in the provenance report.
+    'matplotlib>=3.7',
 ]
 
 extras_require = {
@@ -30,6 +34,8 @@ extras_require = {
         'moto[server]>=5',
         'boto3',
         'tensorboard',
+        # sklearn.datasets.load_sample_images: two real CC BY 2.0 photos for the pipeline tests.
+        'scikit-learn',
     ],
     'xformers': ['xformers==0.0.30'],
 }

@@ -1,0 +1,1 @@
+"""Data preparation: ingest, filter, caption and write Creative-Commons image-caption shards."""
