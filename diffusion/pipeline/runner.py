@@ -1,0 +1,213 @@
+"""Runs one pipeline stage over its units of work, on one or many ranks, resumably.
+
+A stage's input is cut into units that depend only on the input (a slice of parquet rows, a tar file, an MDS
+shard), never on the number of ranks; rank ``r`` of ``N`` processes units ``r, r + N, ...``, each into its own
+sub-folder, and rank 0 merges the unit indexes in unit order at the end. The merged dataset is therefore the same
+whatever ``N`` is, and a rerun after a crash skips every unit whose ``stats.json`` exists (it is written after the
+unit's shards, so its presence means the unit is complete) and redoes the others from scratch.
+
+Ranks come from the ``RANK``/``WORLD_SIZE`` variables that the composer launcher and torchrun set; the only
+collective is a ``torch.distributed`` barrier (gloo) before the merge.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import torch.distributed as torch_dist
+from tqdm.auto import tqdm
+
+from diffusion.pipeline.shards import SIDE_COLUMNS, OutputDataset
+
+__all__ = ['Drop', 'RankInfo', 'StageRunner', 'UnitStats', 'rank_info']
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """This process's place among the ranks of a pipeline run."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def rank_info() -> RankInfo:
+    """Read the rank from the launcher's environment (a single rank when there is none)."""
+    env = os.environ
+    return RankInfo(int(env.get('RANK', 0)), int(env.get('WORLD_SIZE', 1)), int(env.get('LOCAL_RANK', 0)))
+
+
+@dataclass
+class Drop:
+    """A sample that a stage dropped, with the reason it is counted under."""
+
+    reason: str
+    key: str
+    path: str = ''
+    license: str = 'unknown'
+    detail: str = ''
+
+
+@dataclass
+class UnitStats:
+    """Counts of one unit; serialised as the unit's ``stats.json``."""
+
+    stage: str
+    unit: int
+    seen: int = 0
+    kept: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)
+    dropped_samples: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def keep(self, license_id: str) -> None:
+        self.seen += 1
+        self.kept[license_id] = self.kept.get(license_id, 0) + 1
+
+    def drop(self, drop: Drop) -> None:
+        self.seen += 1
+        by_license = self.dropped.setdefault(drop.reason, {})
+        by_license[drop.license] = by_license.get(drop.license, 0) + 1
+        self.dropped_samples.append(
+            {'key': drop.key, 'path': drop.path, 'reason': drop.reason, 'license': drop.license, 'detail': drop.detail}
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+# A unit's work: given the unit index, yield samples to write (dicts of MDS columns) or Drops.
+UnitFunction = Callable[[int], Iterable['dict[str, Any] | Drop']]
+
+
+class StageRunner:
+    """Runs ``process(unit)`` for every unit of a stage into ``out`` and merges the result.
+
+    Args:
+        stage (str): Stage name, recorded in stats and ``pipeline.json``.
+        out (str): Output folder or object-store URL.
+        settings (dict): Everything that determines the stage's output (input, options). A rerun into the same
+            folder must have the same settings, so finished units are never mixed with differently made ones.
+        overwrite (bool): Start afresh, discarding finished units of an earlier run. Default: ``False``.
+        compression (str, optional): MDS shard compression, e.g. ``'zstd'``. Default: ``None``.
+        size_limit (str): MDS shard size limit. Default: ``'64mb'``.
+        progress (bool): Show a progress bar per rank. Default: ``True``.
+        barrier_timeout (float): Seconds a rank waits for the others before the merge. Default: 24 hours.
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        out: str,
+        settings: dict[str, Any],
+        *,
+        overwrite: bool = False,
+        compression: Optional[str] = None,
+        size_limit: str = '64mb',
+        progress: bool = True,
+        barrier_timeout: float = 24 * 3600,
+    ):
+        self.stage = stage
+        self.ranks = rank_info()
+        self.scratch = tempfile.mkdtemp(prefix=f'pipeline-{stage}-rank{self.ranks.rank}-')
+        self.output = OutputDataset(out, self.scratch)
+        self.settings = {'stage': stage, **settings, 'compression': compression, 'size_limit': size_limit}
+        self.overwrite = overwrite
+        self.compression = compression
+        self.size_limit = size_limit
+        self.progress = progress
+        self.barrier_timeout = barrier_timeout
+
+    def _init_distributed(self) -> None:
+        if self.ranks.world_size > 1 and not torch_dist.is_initialized():
+            torch_dist.init_process_group(
+                'gloo',
+                rank=self.ranks.rank,
+                world_size=self.ranks.world_size,
+                timeout=datetime.timedelta(seconds=self.barrier_timeout),
+            )
+
+    def _barrier(self) -> None:
+        if self.ranks.world_size > 1:
+            torch_dist.barrier()
+
+    def _check_settings(self) -> None:
+        """Rank 0 records the settings; a rerun with different ones must pass ``--overwrite``."""
+        if self.ranks.rank == 0:
+            previous = self.output.read_json('pipeline.json')
+            if previous is not None and previous != self.settings and not self.overwrite:
+                keys = set(previous) | set(self.settings)
+                changed = sorted(k for k in keys if previous.get(k) != self.settings.get(k))
+                raise ValueError(
+                    f'{self.output.root} holds a {previous.get("stage")} run with other settings (differs in: '
+                    f'{", ".join(changed)}). Use --overwrite to start afresh, or another output folder.'
+                )
+            if self.overwrite:
+                self.output.clear()
+            if previous != self.settings or self.overwrite:
+                self.output.write_text('pipeline.json', json.dumps(self.settings, indent=2, sort_keys=True))
+        self._barrier()
+
+    def run(self, num_units: int, process: UnitFunction) -> list[int]:
+        """Process this rank's unfinished units, then merge all of them on rank 0; returns all unit indexes."""
+        self.num_units = num_units
+        self._init_distributed()
+        self._check_settings()
+        finished = set() if self.overwrite else self.output.finished_units()
+        mine = [u for u in range(num_units) if u % self.ranks.world_size == self.ranks.rank]
+        todo = [u for u in mine if u not in finished]
+        if len(todo) < len(mine):
+            print(
+                f'[{self.stage} rank {self.ranks.rank}] skipping {len(mine) - len(todo)} finished units of {len(mine)}',
+                file=sys.stderr,
+            )
+        bar = tqdm(
+            total=len(todo),
+            desc=f'{self.stage} rank {self.ranks.rank}',
+            unit='unit',
+            position=self.ranks.local_rank,
+            disable=not self.progress,
+        )
+        for unit in todo:
+            self._run_unit(unit, process)
+            bar.update(1)
+        bar.close()
+        self._barrier()
+        units = list(range(num_units))
+        if self.ranks.rank == 0:
+            missing = sorted(set(units) - self.output.finished_units())
+            if missing:
+                raise RuntimeError(f'Units {missing[:10]} of {self.output.root} did not finish; rerun to resume.')
+            self.output.merge(units)
+        self._barrier()
+        if self.ranks.world_size > 1:
+            torch_dist.destroy_process_group()  # a live gloo group keeps the launcher waiting for the process
+        return units
+
+    def _run_unit(self, unit: int, process: UnitFunction) -> None:
+        start = time.perf_counter()
+        stats = UnitStats(self.stage, unit)
+        side_lines = []
+        name = self.output.unit_name(unit)
+        with self.output.writer(unit, compression=self.compression, size_limit=self.size_limit) as writer:
+            for item in process(unit):
+                if isinstance(item, Drop):
+                    stats.drop(item)
+                    continue
+                writer.write(item)
+                stats.keep(item['license'])
+                side_lines.append(json.dumps({k: item[k] for k in SIDE_COLUMNS}))
+        self.output.write_text(f'{name}/samples.jsonl', ''.join(line + '\n' for line in side_lines))
+        stats.seconds = time.perf_counter() - start
+        self.output.write_text(f'{name}/stats.json', json.dumps(stats.to_dict(), indent=1))
+
+    def unit_stats(self, units: list[int]) -> list[dict[str, Any]]:
+        """The ``stats.json`` of each unit, for the provenance report."""
+        return [self.output.read_json(f'{self.output.unit_name(u)}/stats.json') for u in units]

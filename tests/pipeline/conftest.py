@@ -1,0 +1,114 @@
+"""Inputs for the pipeline tests: photos, a CommonCatalog-schema parquet file, and damaged images."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+# The released CommonCatalog's columns (YFCC100M Flickr metadata plus BLIP-2 captions), in its types.
+COMMONCATALOG_SCHEMA = pa.schema(
+    [
+        ('jpg', pa.binary()),
+        ('blip2_caption', pa.string()),
+        ('caption', pa.string()),
+        ('title', pa.string()),
+        ('description', pa.string()),
+        ('licensename', pa.string()),
+        ('licenseurl', pa.string()),
+        ('width', pa.int64()),
+        ('height', pa.int64()),
+        ('original_width', pa.int64()),
+        ('original_height', pa.int64()),
+        ('photoid', pa.int64()),
+        ('uid', pa.string()),
+        ('usertags', pa.string()),
+        ('exif', pa.string()),
+        ('sha256', pa.string()),
+    ]
+)
+
+# (licensename, licenseurl) as YFCC100M spells them.
+YFCC_LICENSES = [
+    ('Attribution License', 'http://creativecommons.org/licenses/by/2.0/'),
+    ('Attribution-ShareAlike License', 'http://creativecommons.org/licenses/by-sa/2.0/'),
+    ('Attribution-NonCommercial License', 'http://creativecommons.org/licenses/by-nc/2.0/'),
+    ('Attribution-NonCommercial-ShareAlike License', 'http://creativecommons.org/licenses/by-nc-sa/2.0/'),
+    ('Attribution-NoDerivs License', 'http://creativecommons.org/licenses/by-nd/2.0/'),
+]
+
+
+def photo(seed: int, size: tuple[int, int] = (96, 64)) -> Image.Image:
+    """A smooth random picture, distinct per seed (distinct perceptual hashes), of ``size`` (width, height)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize(size, Image.BICUBIC)
+
+
+def jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format='JPEG', quality=quality)
+    return buffer.getvalue()
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format='PNG')
+    return buffer.getvalue()
+
+
+def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A tiny PNG whose header declares ``width`` x ``height`` pixels."""
+    data = bytearray(png(Image.new('RGB', (4, 4))))
+    # IHDR data starts at byte 16 (8 signature + 4 length + 4 type); its CRC covers type + data.
+    data[16:24] = struct.pack('>II', width, height)
+    data[29:33] = struct.pack('>I', zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def commoncatalog_row(index: int, image_bytes: bytes, size: tuple[int, int], license_index: int) -> dict:
+    name, url = YFCC_LICENSES[license_index % len(YFCC_LICENSES)]
+    return {
+        'jpg': image_bytes,
+        'blip2_caption': f'a synthetic caption number {index}',
+        'caption': f'alt text {index}',
+        'title': f'Photo {index}',
+        'description': '',
+        'licensename': name,
+        'licenseurl': url,
+        'width': size[0],
+        'height': size[1],
+        'original_width': size[0] * 4,
+        'original_height': size[1] * 4,
+        'photoid': 1000 + index,
+        'uid': f'{index % 7}@N0{index % 3}',
+        'usertags': 'tag1,tag2',
+        'exif': '',
+        'sha256': '',
+    }
+
+
+def write_commoncatalog(path: str, rows: list[dict], row_group_size: int = 8) -> str:
+    pq.write_table(pa.Table.from_pylist(rows, schema=COMMONCATALOG_SCHEMA), path, row_group_size=row_group_size)
+    return path
+
+
+@pytest.fixture
+def commoncatalog_parquet(tmp_path) -> str:
+    """20 rows over the five YFCC licenses, plus one unknown license, a truncated JPEG, an empty image and an exact
+    duplicate (rows 20-23)."""
+    rows = [commoncatalog_row(i, jpeg(photo(i)), (96, 64), i) for i in range(20)]
+    unknown = commoncatalog_row(20, jpeg(photo(20)), (96, 64), 0)
+    unknown.update(licensename='All Rights Reserved', licenseurl='')
+    truncated = commoncatalog_row(21, jpeg(photo(21))[:300], (96, 64), 0)
+    empty = commoncatalog_row(22, b'', (96, 64), 0)
+    duplicate = commoncatalog_row(23, rows[0]['jpg'], (96, 64), 0)
+    return write_commoncatalog(
+        str(tmp_path / 'commoncatalog-00000.parquet'), [*rows, unknown, truncated, empty, duplicate]
+    )
