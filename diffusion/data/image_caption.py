@@ -16,6 +16,7 @@ import io
 import os
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from composer.utils import dist
 from PIL import Image
@@ -27,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 __all__ = ['StreamingImageCaptionDataset', 'build_image_caption_dataloader', 'decode_image', 'resolve_source']
 
 CROPS = ('random', 'center')
+CAPTION_SOURCES = ('synthetic', 'original', 'mix')
 
 
 def decode_image(data: bytes, max_pixels: int = 1 << 26) -> Image.Image:
@@ -62,6 +64,15 @@ class StreamingImageCaptionDataset(StreamingDataset):
             "left" or "right").
         image_key (str): Column holding the encoded image. Default: ``'image'``.
         caption_key (str): Column holding the caption. Default: ``'caption'``.
+        caption_source (str): Which caption trains: ``'synthetic'`` (``caption_key``, the captioner's caption
+            once the pipeline's caption stage ran), ``'original'`` (``original_caption_key``, the alt text that came
+            with the image; samples without one fall back to the synthetic caption) or ``'mix'`` (the original one
+            with probability ``original_caption_prob``, drawn once per sample from ``caption_seed``, so the choice
+            is reproducible and the same on every rank and resume). Default: ``'synthetic'``.
+        original_caption_key (str): Column holding the original caption. Default: ``'original_caption'``.
+        original_caption_prob (float): Probability of the original caption with ``caption_source='mix'``.
+            Default: ``0.5``.
+        caption_seed (int): Seed of the per-sample draw of ``'mix'``. Default: ``0``.
         max_image_pixels (int): Largest declared image size accepted, against decompression bombs.
         **streaming_kwargs: Passed to ``StreamingDataset`` (``remote``, ``local``, ``shuffle``,
             ``batch_size``, ``shuffle_seed``, ``validate_hash``, ...).
@@ -76,15 +87,27 @@ class StreamingImageCaptionDataset(StreamingDataset):
         random_flip: bool = False,
         image_key: str = 'image',
         caption_key: str = 'caption',
+        caption_source: str = 'synthetic',
+        original_caption_key: str = 'original_caption',
+        original_caption_prob: float = 0.5,
+        caption_seed: int = 0,
         max_image_pixels: int = 1 << 26,
         **streaming_kwargs: Any,
     ):
         if crop not in CROPS:
             raise ValueError(f'Unknown crop {crop!r}. Valid values: {", ".join(CROPS)}.')
+        if caption_source not in CAPTION_SOURCES:
+            raise ValueError(f'Unknown caption_source {caption_source!r}. Valid values: {", ".join(CAPTION_SOURCES)}.')
+        if not 0.0 <= original_caption_prob <= 1.0:
+            raise ValueError(f'original_caption_prob must be in [0, 1], got {original_caption_prob}.')
         super().__init__(**streaming_kwargs)
         self.tokenizer = tokenizer
         self.image_key = image_key
         self.caption_key = caption_key
+        self.caption_source = caption_source
+        self.original_caption_key = original_caption_key
+        self.original_caption_prob = original_caption_prob
+        self.caption_seed = caption_seed
         self.max_image_pixels = max_image_pixels
         steps = [
             transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
@@ -105,7 +128,7 @@ class StreamingImageCaptionDataset(StreamingDataset):
         except Exception as error:
             source = sample.get('source_url', 'unknown source')
             raise ValueError(f'Cannot decode the image of sample {index} ({source}): {error}') from error
-        caption = sample[self.caption_key]
+        caption = self._pick_caption(sample, index)
         out = {'image': self.transform(image).clamp_(-1.0, 1.0), 'captions': caption, 'sample_index': index}
         if self.tokenizer is not None:
             out['input_ids'] = self.tokenizer(
@@ -116,6 +139,21 @@ class StreamingImageCaptionDataset(StreamingDataset):
                 return_tensors='pt',
             ).input_ids[0]
         return out
+
+    def _pick_caption(self, sample: dict[str, Any], index: int) -> str:
+        if self.caption_source == 'synthetic':
+            return sample[self.caption_key]
+        if self.original_caption_key not in sample:
+            raise KeyError(
+                f'caption_source={self.caption_source!r} needs the column {self.original_caption_key!r}; '
+                f'sample {index} has {sorted(sample)}.'
+            )
+        original = sample[self.original_caption_key]
+        if self.caption_source == 'mix':
+            draw = np.random.default_rng([self.caption_seed, index]).random()
+            if draw >= self.original_caption_prob:
+                return sample[self.caption_key]
+        return original or sample[self.caption_key]
 
 
 def build_image_caption_dataloader(
@@ -131,6 +169,10 @@ def build_image_caption_dataloader(
     shuffle_seed: int = 9176,
     image_key: str = 'image',
     caption_key: str = 'caption',
+    caption_source: str = 'synthetic',
+    original_caption_key: str = 'original_caption',
+    original_caption_prob: float = 0.5,
+    caption_seed: int = 0,
     num_workers: int = 0,
     drop_last: bool = True,
     streaming_kwargs: Optional[dict[str, Any]] = None,
@@ -144,7 +186,8 @@ def build_image_caption_dataloader(
         local (str, optional): Local cache folder for a remote dataset.
         batch_size (int): Global batch size, divided evenly across ranks.
         tokenizer (PreTrainedTokenizerBase, optional): Supplied by the trainer from the model.
-        resolution, crop, random_flip, image_key, caption_key: See :class:`StreamingImageCaptionDataset`.
+        resolution, crop, random_flip, image_key, caption_key, caption_source, original_caption_key,
+            original_caption_prob, caption_seed: See :class:`StreamingImageCaptionDataset`.
         shuffle (bool): Shuffle samples (deterministic for ``shuffle_seed``). Default: ``True``.
         shuffle_seed (int): Seed of the shuffle. Default: ``9176``.
         num_workers (int): DataLoader worker processes. Default: ``0``.
@@ -166,6 +209,10 @@ def build_image_caption_dataloader(
         random_flip=random_flip,
         image_key=image_key,
         caption_key=caption_key,
+        caption_source=caption_source,
+        original_caption_key=original_caption_key,
+        original_caption_prob=original_caption_prob,
+        caption_seed=caption_seed,
         shuffle=shuffle,
         shuffle_seed=shuffle_seed,
         batch_size=device_batch_size,

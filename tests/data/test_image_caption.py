@@ -122,3 +122,41 @@ def test_streams_from_s3(s3_server, tmp_path):
     captions = [c for b in batches for c in b['captions']]
     assert captions == [render_sample(i, seed=3, image_size=32)[1]['caption'] for i in range(16)]
     assert (tmp_path / 'cache' / 'index.json').exists()
+
+
+def write_two_caption_dataset(out: str, count: int = 40) -> str:
+    import io
+
+    from PIL import Image
+    from streaming import MDSWriter
+
+    buffer = io.BytesIO()
+    Image.new('RGB', (8, 8)).save(buffer, format='PNG')
+    columns = {'image': 'bytes', 'caption': 'str', 'original_caption': 'str'}
+    with MDSWriter(out=out, columns=columns) as writer:
+        for index in range(count):
+            # Every tenth sample has no alt text, as happens in scraped data.
+            original = '' if index % 10 == 9 else f'original {index}'
+            writer.write({'image': buffer.getvalue(), 'caption': f'synthetic {index}', 'original_caption': original})
+    return out
+
+
+def test_caption_source_picks_synthetic_original_or_a_reproducible_mix(tmp_path):
+    out = write_two_caption_dataset(str(tmp_path / 'data'))
+
+    def captions(**kwargs) -> list[str]:
+        dataset = StreamingImageCaptionDataset(local=out, resolution=8, crop='center', **kwargs)
+        return [dataset[i]['captions'] for i in range(len(dataset))]
+
+    assert captions() == [f'synthetic {i}' for i in range(40)]
+    original = captions(caption_source='original')
+    assert original[0] == 'original 0' and original[9] == 'synthetic 9'  # no alt text: the synthetic one trains
+    mixed = captions(caption_source='mix', original_caption_prob=0.5)
+    share = sum(c.startswith('original') for c in mixed) / 36  # of the samples that have alt text
+    assert 0.25 <= share <= 0.75
+    assert mixed == captions(caption_source='mix', original_caption_prob=0.5)  # the same draw every time
+    assert mixed != captions(caption_source='mix', original_caption_prob=0.5, caption_seed=1)
+    assert captions(caption_source='mix', original_caption_prob=0.0) == captions()
+    assert captions(caption_source='mix', original_caption_prob=1.0) == original
+    with pytest.raises(ValueError, match="Unknown caption_source 'alt'. Valid values: synthetic, original, mix"):
+        captions(caption_source='alt')
