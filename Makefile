@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DATA := data/demo
 
-.PHONY: install demo demo-data test test-fast lint format benchmark clean
+.PHONY: install demo demo-data pipeline-example test test-fast lint format benchmark clean
 
 install: $(STAMP)
 
@@ -27,6 +27,16 @@ demo: demo-data
 	$(VENV)/bin/composer -n 1 train.py yamls/demo.yaml
 	@echo "Samples: runs/demo/samples.png   Results: runs/demo/demo_results.json"
 
+# The data pipeline on a small CommonCatalog-style file: ingest -> filter -> caption (2 ranks) -> report.
+EXAMPLE := data/example
+pipeline-example: install
+	$(PY) -m diffusion.pipeline.example --out $(EXAMPLE)
+	$(PY) -m diffusion.pipeline ingest --source commoncatalog --input $(EXAMPLE)/commoncatalog --out $(EXAMPLE)/ingested --overwrite
+	$(PY) -m diffusion.pipeline filter --input $(EXAMPLE)/ingested --out $(EXAMPLE)/filtered --preset commercial --min-side 512 --overwrite
+	$(VENV)/bin/composer -n 2 -m diffusion.pipeline caption --input $(EXAMPLE)/filtered --out $(EXAMPLE)/captioned --model $(EXAMPLE)/tiny-blip2 --overwrite
+	$(PY) -m diffusion.pipeline report $(EXAMPLE)/ingested $(EXAMPLE)/filtered $(EXAMPLE)/captioned --out $(EXAMPLE)/report
+	@echo "Report: $(EXAMPLE)/report/provenance.md"
+
 test: install
 	$(VENV)/bin/pytest -n 2 --dist loadgroup tests
 
@@ -43,6 +53,7 @@ format: install
 
 benchmark: install
 	$(PY) benchmarks/step_breakdown.py
+	$(PY) benchmarks/pipeline_throughput.py
 
 clean:
-	rm -rf runs data/demo .pytest_cache
+	rm -rf runs data/demo data/example .pytest_cache

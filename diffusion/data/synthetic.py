@@ -92,7 +92,7 @@ LICENSE_WEIGHTS: dict[str, float] = {
     'CC-BY-SA-2.0': 0.10,
     'CC-BY-SA-4.0': 0.10,
     'CC0-1.0': 0.10,
-    'PDM-1.0': 0.05,
+    'PDM': 0.05,
     'CC-BY-NC-2.0': 0.08,
     'CC-BY-NC-SA-2.0': 0.05,
     'CC-BY-NC-SA-4.0': 0.03,

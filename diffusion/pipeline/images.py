@@ -28,6 +28,7 @@ __all__ = [
     'NearDuplicateIndex',
     'content_hash',
     'decode_image',
+    'downscale',
     'encode_image',
     'hamming_distance',
     'perceptual_hash',
@@ -277,6 +278,15 @@ class NearDuplicateIndex:
         return None
 
 
+def downscale(image: Image.Image, max_side: int | None) -> Image.Image:
+    """``image`` shrunk with LANCZOS so its longer side is at most ``max_side`` (aspect kept, never upscaled)."""
+    width, height = image.size
+    if max_side is None or max(width, height) <= max_side:
+        return image
+    scale = max_side / max(width, height)
+    return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.LANCZOS)
+
+
 def encode_image(
     image: Image.Image, *, image_format: str = 'jpeg', max_side: int | None = None, quality: int = 95
 ) -> bytes:
@@ -299,12 +309,7 @@ def encode_image(
         raise ValueError(f'max_side must be positive, got {max_side}.')
     if not 1 <= quality <= 100:
         raise ValueError(f'quality must be in [1, 100], got {quality}.')
-    image = _to_rgb(image)
-    width, height = image.size
-    if max_side is not None and max(width, height) > max_side:
-        scale = max_side / max(width, height)
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        image = image.resize(size, Image.Resampling.LANCZOS)
+    image = downscale(_to_rgb(image), max_side)
     buffer = io.BytesIO()
     if fmt == 'jpeg':
         image.save(buffer, format='JPEG', quality=quality)

@@ -17,7 +17,14 @@ from typing import Any, Optional, Sequence
 
 from PIL import Image
 
-from diffusion.pipeline.images import ImageError, content_hash, decode_image, encode_image, perceptual_hash
+from diffusion.pipeline.images import (
+    ImageError,
+    content_hash,
+    decode_image,
+    downscale,
+    encode_image,
+    perceptual_hash,
+)
 from diffusion.pipeline.licenses import normalize_license
 from diffusion.pipeline.runner import Drop, StageRunner
 from diffusion.pipeline.sources import IMAGE_EXTENSIONS, build_source
@@ -80,13 +87,13 @@ def ingest_sample(raw: dict[str, Any], options: IngestOptions) -> dict[str, Any]
     if all(declared) and declared[0] >= original_width and declared[1] >= original_height:
         original_width, original_height = declared  # the provider downscaled the image it ships
     if _keeps_original_bytes(data, image, options):
-        stored, (width, height) = data, image.size
+        stored = data
     else:
-        stored = encode_image(
-            image, image_format=options.image_format, max_side=options.max_side, quality=options.quality
-        )
-        with Image.open(io.BytesIO(stored)) as check:
-            width, height = check.size
+        # Downscale once: the stored image and the perceptual hash (resize-invariant by design) both use it,
+        # which halves the hash's cost on large photos.
+        image = downscale(image, options.max_side)
+        stored = encode_image(image, image_format=options.image_format, quality=options.quality)
+    width, height = image.size
     return {
         'image': stored,
         'caption': raw['caption'] or '',

@@ -276,3 +276,18 @@ def test_stages_read_and_write_object_storage(s3_server, commoncatalog_parquet, 
     assert len(train) == 8 and train[7]['captions'] == 'a synthetic caption number 16'
     local = read_dataset('s3://test-bucket/filtered', str(tmp_path / 'read'))
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(local[0]['image']))).shape, (64, 96, 3))
+
+
+def test_example_input_goes_through_ingest_and_filter(tmp_path):
+    from diffusion.pipeline.example import write_example
+
+    parquet = write_example(str(tmp_path), num_samples=12, image_size=96)
+    assert os.path.exists(tmp_path / 'tiny-blip2' / 'config.json')
+    ingested, filtered = str(tmp_path / 'ingested'), str(tmp_path / 'filtered')
+    ingest_commoncatalog(parquet, ingested)
+    assert dropped(ingested) == {'unknown_license': 1, 'truncated': 1, 'empty_file': 1}
+    main(['filter', '--input', ingested, '--out', filtered, '--min-side', '192', '--no-progress'])
+    # Six YFCC licenses in turn: BY and BY-SA are commercial, i.e. photos 0, 1, 6, 7; the repeat of 6 goes.
+    assert [s['key'] for s in read_dataset(filtered, str(tmp_path / 'c'))] == ['5000000', '5000001', '5000006',
+                                                                              '5000007']  # fmt: skip
+    assert dropped(filtered) == {'license_not_allowed': 8, 'exact_duplicate': 1}
