@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -158,10 +159,28 @@ class StageRunner:
     def run(self, num_units: int, process: UnitFunction) -> list[int]:
         """Process this rank's unfinished units, then merge all of them on rank 0; returns all unit indexes."""
         self.num_units = num_units
+        # The unit count is part of the settings: a grown input folder must not reuse units cut differently.
+        self.settings['num_units'] = num_units
         self._init_distributed()
-        self._check_settings()
+        try:
+            self._check_settings()
+            self._run_units(process)
+            self._barrier()
+            if self.ranks.rank == 0:
+                missing = sorted(set(range(num_units)) - self.output.finished_units())
+                if missing:
+                    raise RuntimeError(f'Units {missing[:10]} of {self.output.root} did not finish; rerun to resume.')
+                self.output.merge(list(range(num_units)))
+            self._barrier()
+        finally:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            if self.ranks.world_size > 1 and torch_dist.is_initialized():
+                torch_dist.destroy_process_group()  # a live gloo group keeps the launcher waiting for the process
+        return list(range(num_units))
+
+    def _run_units(self, process: UnitFunction) -> None:
         finished = set() if self.overwrite else self.output.finished_units()
-        mine = [u for u in range(num_units) if u % self.ranks.world_size == self.ranks.rank]
+        mine = [u for u in range(self.num_units) if u % self.ranks.world_size == self.ranks.rank]
         todo = [u for u in mine if u not in finished]
         if len(todo) < len(mine):
             print(
@@ -179,17 +198,6 @@ class StageRunner:
             self._run_unit(unit, process)
             bar.update(1)
         bar.close()
-        self._barrier()
-        units = list(range(num_units))
-        if self.ranks.rank == 0:
-            missing = sorted(set(units) - self.output.finished_units())
-            if missing:
-                raise RuntimeError(f'Units {missing[:10]} of {self.output.root} did not finish; rerun to resume.')
-            self.output.merge(units)
-        self._barrier()
-        if self.ranks.world_size > 1:
-            torch_dist.destroy_process_group()  # a live gloo group keeps the launcher waiting for the process
-        return units
 
     def _run_unit(self, unit: int, process: UnitFunction) -> None:
         start = time.perf_counter()

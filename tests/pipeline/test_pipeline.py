@@ -111,7 +111,7 @@ def real_photos() -> list[Image.Image]:
 
 
 def write_folder(root: str) -> None:
-    """Images with every kind of damage, and a CSV describing them (one row has a Latin-1 title)."""
+    """Images with every kind of damage, and a CSV describing them (one row has a Latin-1 caption)."""
     os.makedirs(os.path.join(root, 'images'))
     files = {
         'china.jpg': jpeg(real_photos()[0]),
@@ -126,13 +126,13 @@ def write_folder(root: str) -> None:
     for name, data in files.items():
         with open(os.path.join(root, 'images', name), 'wb') as f:
             f.write(data)
-    lines = [b'path,url,license,author,title,width,height']
+    lines = [b'path,url,license,author,title,caption,width,height']
     for name in files:
         license_text = b'' if name == 'no-license.jpg' else b'CC BY 2.0'
-        title = b'caf\xe9' if name == 'latin1.jpg' else name.encode()
-        lines.append(b'images/%s,https://example.org/%s,%s,Author,%s,640,427' % (name.encode(), name.encode(),
-                                                                                 license_text, title))  # fmt: skip
-    lines.append(b'images/gone.jpg,https://example.org/gone,CC BY 2.0,Author,gone,640,427')
+        caption = b'un caf\xe9' if name == 'latin1.jpg' else b'alt text'  # Latin-1, not UTF-8
+        lines.append(b'images/%s,https://example.org/%s,%s,Author,%s,%s,640,427' % (
+            name.encode(), name.encode(), license_text, name.encode(), caption))  # fmt: skip
+    lines.append(b'images/gone.jpg,https://example.org/gone,CC BY 2.0,Author,gone,alt text,640,427')
     with open(os.path.join(root, 'metadata.csv'), 'wb') as f:
         f.write(b'\n'.join(lines) + b'\n')
 
@@ -190,6 +190,35 @@ def test_folder_source_reads_jsonl_and_parquet_metadata(tmp_path, metadata_forma
     # JPEGs within --max-side keep their bytes: no second lossy compression.
     with open(tmp_path / 'images' / '0.jpg', 'rb') as f:
         assert samples[0]['image'] == f.read()
+
+
+def test_parquet_source_with_image_paths(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(tmp_path / 'photos')
+    rows = []
+    for index in range(3):
+        photo(index, (128, 96)).save(tmp_path / 'photos' / f'{index}.png')
+        rows.append(
+            {
+                'image_path': f'photos/{index}.png',
+                'license': 4,
+                'author': 'A',
+                'title': f't{index}',
+                'source_url': f'https://example.org/{index}',
+                'synthetic_caption': f'caption {index}',
+            }
+        )
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / 'meta.parquet')
+    out = str(tmp_path / 'out')
+    main(['ingest', '--source', 'parquet', '--input', str(tmp_path / 'meta.parquet'), '--out', out,
+          '--image-format', 'png', '--no-progress'])  # fmt: skip
+    samples = read_dataset(out, str(tmp_path / 'cache'))
+    # Flickr license id 4 is CC BY 2.0; PNG inputs stored as PNG keep their bytes.
+    assert [(s['license'], s['caption']) for s in samples] == [('CC-BY-2.0', f'caption {i}') for i in range(3)]
+    with open(tmp_path / 'photos' / '2.png', 'rb') as f:
+        assert samples[2]['image'] == f.read()
 
 
 def test_webdataset_source(tmp_path):
