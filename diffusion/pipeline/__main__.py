@@ -142,5 +142,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         _summary(runner, runner.num_units)
 
 
+def cli() -> None:
+    """``main`` for the shell: a user mistake (bad path, column, setting) prints one line, not a traceback."""
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, PermissionError) as error:
+        print(f'python -m diffusion.pipeline: error: {error}', file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    cli()

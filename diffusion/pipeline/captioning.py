@@ -16,7 +16,7 @@ from PIL import Image
 
 from diffusion.pipeline.captioners import Captioner, build_captioner
 from diffusion.pipeline.runner import Drop, StageRunner, rank_info
-from diffusion.pipeline.shards import MDS_COLUMNS, InputDataset
+from diffusion.pipeline.shards import MDS_COLUMNS, InputDataset, require_input
 
 __all__ = ['caption_dataset', 'caption_samples']
 
@@ -57,6 +57,7 @@ def caption_dataset(
 ) -> StageRunner:
     """Run the caption stage from ``input_root`` into ``out`` with the captioner registered as ``captioner``."""
     captioner_kwargs = dict(captioner_kwargs or {})
+    require_input(input_root)
     runner = StageRunner(
         'caption', out, {'input': input_root, 'captioner': captioner, **captioner_kwargs}, **runner_kwargs
     )

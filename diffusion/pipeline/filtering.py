@@ -15,7 +15,7 @@ from typing import Any, Optional
 from diffusion.pipeline.images import NearDuplicateIndex
 from diffusion.pipeline.licenses import allowed_licenses
 from diffusion.pipeline.runner import Drop, StageRunner
-from diffusion.pipeline.shards import InputDataset
+from diffusion.pipeline.shards import InputDataset, require_input
 
 __all__ = ['FilterOptions', 'decide', 'filter_dataset', 'read_side_table']
 
@@ -101,6 +101,7 @@ def filter_dataset(
 ) -> StageRunner:
     """Run the filter stage from the dataset at ``input_root`` into ``out``; one unit per input shard."""
     allowed_licenses(options.preset)  # fail on a bad preset before reading anything
+    require_input(input_root)
     runner = StageRunner('filter', out, {'input': input_root, **asdict(options)}, **runner_kwargs)
     dataset = InputDataset(input_root, runner.scratch)
     decisions = decide(read_side_table(dataset), options)

@@ -37,6 +37,7 @@ __all__ = [
     'SIDE_COLUMNS',
     'is_remote',
     'join',
+    'require_input',
 ]
 
 # The columns of every dataset the pipeline writes. ``caption`` is the caption that trains by default (the
@@ -99,6 +100,12 @@ def _fetch(path: str, local: str) -> str:
     return local
 
 
+def require_input(root: str) -> None:
+    """Fail at start, naming the folder, when a local input dataset does not exist."""
+    if not is_remote(root) and not os.path.isdir(root):
+        raise FileNotFoundError(f'Input dataset folder {root} does not exist.')
+
+
 class InputDataset:
     """An MDS dataset read one shard at a time; the shards are the units of work of the stage reading it.
 
@@ -110,8 +117,7 @@ class InputDataset:
     def __init__(self, root: str, cache_dir: str):
         self.root = root
         self.cache_dir = cache_dir
-        if not is_remote(root) and not os.path.isdir(root):
-            raise FileNotFoundError(f'Input dataset folder {root} does not exist.')
+        require_input(root)
         index_path = _fetch(join(root, 'index.json'), os.path.join(cache_dir, 'index.json'))
         with open(index_path) as f:
             self.shards: list[dict[str, Any]] = json.load(f)['shards']

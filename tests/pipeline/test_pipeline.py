@@ -261,6 +261,21 @@ def test_bad_paths_and_columns_fail_at_start(commoncatalog_parquet, tmp_path):
         main(['filter', '--input', str(tmp_path / 'missing'), '--out', str(tmp_path / 'f')])
 
 
+def test_the_shell_command_reports_a_bad_path_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, '-m', 'diffusion.pipeline', 'filter', '--input', str(tmp_path / 'missing'), '--out',
+         str(tmp_path / 'out')],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    message = f'python -m diffusion.pipeline: error: Input dataset folder {tmp_path}/missing does not exist.'
+    assert result.stderr.strip() == message
+    assert not os.path.exists(tmp_path / 'out')  # nothing is created before the inputs are checked
+
+
 def test_rerun_with_other_settings_needs_overwrite(commoncatalog_parquet, tmp_path):
     out = str(tmp_path / 'out')
     ingest_commoncatalog(commoncatalog_parquet, out)
