@@ -42,13 +42,13 @@ def time_steps(model, resolution: int, batch_size: int, steps: int, warmup: int,
     for step in range(warmup + steps):
         marks = [time.perf_counter()]
         with torch.no_grad():
-            latents = model.encode_images(images)
+            mean, std = model.vae_moments(images)
             _sync(device)
             marks.append(time.perf_counter())
             text_embeds = model.encode_text(input_ids)
             _sync(device)
             marks.append(time.perf_counter())
-        outputs = model({'image_latents': latents, 'text_embeds': text_embeds})
+        outputs = model({'image_latents_mean': mean, 'image_latents_std': std, 'text_embeds': text_embeds})
         model.loss(outputs, None).backward()
         _sync(device)
         marks.append(time.perf_counter())

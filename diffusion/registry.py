@@ -28,6 +28,7 @@ from composer import optim as composer_optim
 
 from diffusion import callbacks as our_callbacks
 from diffusion.data.image_caption import build_image_caption_dataloader
+from diffusion.data.latents import build_latent_dataloader
 from diffusion.models import autoencoder, factories
 from diffusion.utils import check_kwargs
 
@@ -154,4 +155,4 @@ models.register_all(
         'tiny_autoencoder': autoencoder.tiny_autoencoder,
     }
 )
-dataloaders.register_all({'image_caption': build_image_caption_dataloader})
+dataloaders.register_all({'image_caption': build_image_caption_dataloader, 'latents': build_latent_dataloader})

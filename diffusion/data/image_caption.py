@@ -25,7 +25,13 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ['StreamingImageCaptionDataset', 'build_image_caption_dataloader', 'decode_image', 'resolve_source']
+__all__ = [
+    'StreamingImageCaptionDataset',
+    'build_image_caption_dataloader',
+    'decode_image',
+    'image_transform',
+    'resolve_source',
+]
 
 CROPS = ('random', 'center')
 CAPTION_SOURCES = ('synthetic', 'original', 'mix')
@@ -38,6 +44,20 @@ def decode_image(data: bytes, max_pixels: int = 1 << 26) -> Image.Image:
         raise ValueError(f'image of {image.width}x{image.height} pixels exceeds max_pixels={max_pixels}')
     image.load()
     return image.convert('RGB')
+
+
+def image_transform(resolution: int, crop: str = 'center', random_flip: bool = False) -> transforms.Compose:
+    """PIL image -> tensor (3, resolution, resolution) in [-1, 1]: resize the short side, crop, optionally flip."""
+    if crop not in CROPS:
+        raise ValueError(f'Unknown crop {crop!r}. Valid values: {", ".join(CROPS)}.')
+    steps = [
+        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+        transforms.RandomCrop(resolution) if crop == 'random' else transforms.CenterCrop(resolution),
+    ]
+    if random_flip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize([0.5], [0.5])]
+    return transforms.Compose(steps)
 
 
 def resolve_source(remote: Optional[str], local: Optional[str]) -> tuple[Optional[str], Optional[str]]:
@@ -94,8 +114,7 @@ class StreamingImageCaptionDataset(StreamingDataset):
         max_image_pixels: int = 1 << 26,
         **streaming_kwargs: Any,
     ):
-        if crop not in CROPS:
-            raise ValueError(f'Unknown crop {crop!r}. Valid values: {", ".join(CROPS)}.')
+        transform = image_transform(resolution, crop, random_flip)  # validates crop before any streaming setup
         if caption_source not in CAPTION_SOURCES:
             raise ValueError(f'Unknown caption_source {caption_source!r}. Valid values: {", ".join(CAPTION_SOURCES)}.')
         if not 0.0 <= original_caption_prob <= 1.0:
@@ -109,14 +128,7 @@ class StreamingImageCaptionDataset(StreamingDataset):
         self.original_caption_prob = original_caption_prob
         self.caption_seed = caption_seed
         self.max_image_pixels = max_image_pixels
-        steps = [
-            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
-            transforms.RandomCrop(resolution) if crop == 'random' else transforms.CenterCrop(resolution),
-        ]
-        if random_flip:
-            steps.append(transforms.RandomHorizontalFlip())
-        steps += [transforms.ToTensor(), transforms.Normalize([0.5], [0.5])]
-        self.transform = transforms.Compose(steps)
+        self.transform = transform
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = super().__getitem__(index)
@@ -195,11 +207,8 @@ def build_image_caption_dataloader(
         streaming_kwargs (dict, optional): More ``StreamingDataset`` arguments (``validate_hash``, ...).
         dataloader_kwargs (dict, optional): More ``DataLoader`` arguments (``prefetch_factor``, ...).
     """
-    world_size = dist.get_world_size()
-    if batch_size % world_size != 0:
-        raise ValueError(f'batch_size {batch_size} is not divisible by the number of ranks ({world_size}).')
+    device_batch_size = per_rank_batch_size(batch_size)
     remote, local = resolve_source(remote, local)
-    device_batch_size = batch_size // world_size
     dataset = StreamingImageCaptionDataset(
         remote=remote,
         local=local,
@@ -218,6 +227,25 @@ def build_image_caption_dataloader(
         batch_size=device_batch_size,
         **(streaming_kwargs or {}),
     )
+    return streaming_dataloader(dataset, device_batch_size, num_workers, drop_last, dataloader_kwargs)
+
+
+def per_rank_batch_size(batch_size: int) -> int:
+    """The global ``batch_size`` divided by the number of ranks, which must divide it."""
+    world_size = dist.get_world_size()
+    if batch_size % world_size != 0:
+        raise ValueError(f'batch_size {batch_size} is not divisible by the number of ranks ({world_size}).')
+    return batch_size // world_size
+
+
+def streaming_dataloader(
+    dataset: StreamingDataset,
+    device_batch_size: int,
+    num_workers: int,
+    drop_last: bool,
+    dataloader_kwargs: Optional[dict[str, Any]] = None,
+) -> DataLoader:
+    """A DataLoader over a streaming dataset; persistent workers keep the stream's state between epochs."""
     dataloader_kwargs = dict(dataloader_kwargs or {})
     if num_workers > 0:
         dataloader_kwargs.setdefault('persistent_workers', True)

@@ -6,8 +6,11 @@ diffusers for the networks (``UNet2DConditionModel``, ``AutoencoderKL``), the no
 text encoder. Parallelism, precision and checkpointing are applied from outside by the Composer Trainer.
 
 Batch keys (see shared/ARCHITECTURE.md): ``image`` (B, 3, H, W) in [-1, 1] and ``input_ids`` (B, 77) or
-``captions`` (list of B strings). Batches that already hold ``image_latents`` (B, 4, H/8, W/8, scaled) and
-``text_embeds`` (B, 77, D) skip the VAE and the text encoder.
+``captions`` (list of B strings). Batches of precomputed latents skip the VAE and the text encoder: they hold
+``image_latents_mean`` and ``image_latents_std`` (B, 4, H/8, W/8, the VAE posterior's moments, sampled here with the
+same draw the VAE path makes) or ``image_latents`` (a sample), and ``text_embeds`` (B, 77, D). Latents in a batch
+are never scaled: the VAE scaling factor is applied in :meth:`StableDiffusion.scale_latents` and nowhere else
+(scaling in a precompute script and again in the model is a known way to train on wrong latents).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from composer.models import ComposerModel
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
 from torchmetrics import MeanSquaredError, Metric
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -31,8 +35,8 @@ class StableDiffusion(ComposerModel):
 
     Args:
         unet (UNet2DConditionModel): The denoiser; the only part trained by default.
-        vae (AutoencoderKL): Image autoencoder; latents are scaled by ``vae.config.scaling_factor``, here and
-            nowhere else.
+        vae (AutoencoderKL): Image autoencoder; latents are scaled by ``vae.config.scaling_factor`` in
+            :meth:`scale_latents`, and nowhere else.
         text_encoder (CLIPTextModel): Caption encoder; its last hidden state conditions the UNet.
         tokenizer (CLIPTokenizer): Tokenizer of the text encoder.
         noise_scheduler (DDPMScheduler): Training noise schedule; its ``prediction_type`` sets the target.
@@ -91,6 +95,7 @@ class StableDiffusion(ComposerModel):
         )
         self.vae.requires_grad_(train_vae)
         self.text_encoder.requires_grad_(train_text_encoder)
+        self._empty_text_embeds: Optional[torch.Tensor] = None  # computed once, for caption dropout on text_embeds
         self.train()
 
     # -- nn.Module ----------------------------------------------------------------------------------------------
@@ -125,32 +130,63 @@ class StableDiffusion(ComposerModel):
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             return self.text_encoder(input_ids.to(self.text_encoder.device))[0]
 
-    def encode_images(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Scaled latents (B, C, H/f, W/f): a sample of the VAE posterior times the scaling factor.
+    def vae_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation (B, C, H/f, W/f) of the VAE posterior, unscaled, in fp32.
 
         Encodes in fp32 with autocast off: the SD VAE overflows in fp16, and latents encoded in low precision
-        differ from the ones sampling decodes.
+        differ from the ones sampling decodes. Precomputing latents stores exactly these moments.
         """
         with torch.set_grad_enabled(self.train_vae and torch.is_grad_enabled()):
             with torch.autocast(images.device.type, enabled=False):
                 vae_dtype = next(self.vae.parameters()).dtype
                 posterior = self.vae.encode(images.to(vae_dtype)).latent_dist
-                latents = posterior.sample(generator=generator)
+        return posterior.mean.float(), posterior.std.float()
+
+    @staticmethod
+    def sample_latents(
+        mean: torch.Tensor, std: torch.Tensor, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
+        """A sample of the posterior, drawn exactly as diffusers' ``DiagonalGaussianDistribution.sample`` draws it,
+        so latents from the VAE and from precomputed moments agree for the same random state."""
+        return mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents times the scaling factor: the one place where the factor is applied."""
         return latents.float() * self.latent_scaling_factor
+
+    def encode_images(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Scaled latents (B, C, H/f, W/f): a sample of the VAE posterior times the scaling factor."""
+        return self.scale_latents(self.sample_latents(*self.vae_moments(images), generator=generator))
+
+    def _drop_mask(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Which rows lose their caption; the same draw for token ids and for precomputed embeddings."""
+        return torch.rand(batch_size, device=device) < self.caption_drop_prob
 
     def _drop_captions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Replace a ``caption_drop_prob`` fraction of rows by the empty caption's ids."""
         if self.caption_drop_prob == 0.0:
             return input_ids
-        drop = torch.rand(input_ids.shape[0], device=input_ids.device) < self.caption_drop_prob
+        drop = self._drop_mask(input_ids.shape[0], input_ids.device)
         empty = self.tokenize(['']).to(input_ids.device).expand_as(input_ids)
         return torch.where(drop[:, None], empty, input_ids)
 
+    def _drop_text_embeds(self, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Replace a ``caption_drop_prob`` fraction of rows by the empty caption's embedding (encoded once)."""
+        if self.caption_drop_prob == 0.0:
+            return text_embeds
+        drop = self._drop_mask(text_embeds.shape[0], text_embeds.device)
+        if self._empty_text_embeds is None:
+            with torch.no_grad():
+                self._empty_text_embeds = self.encode_text(self.tokenize(['']))
+        empty = self._empty_text_embeds.to(text_embeds.device, text_embeds.dtype).expand_as(text_embeds)
+        return torch.where(drop[:, None, None], empty, text_embeds)
+
     def _conditioning(self, batch: dict[str, Any], drop_captions: bool) -> torch.Tensor:
         if 'text_embeds' in batch:
-            if drop_captions and self.caption_drop_prob > 0:
-                raise NotImplementedError('Caption dropout on precomputed text embeddings is not supported yet.')
-            return batch['text_embeds']
+            if self.train_text_encoder:
+                raise ValueError('Precomputed text_embeds cannot train the text encoder; set train_text_encoder=false.')
+            text_embeds = batch['text_embeds']
+            return self._drop_text_embeds(text_embeds) if drop_captions else text_embeds
         input_ids = batch['input_ids'] if 'input_ids' in batch else self.tokenize(batch['captions'])
         input_ids = input_ids.to(self.unet.device)
         if drop_captions:
@@ -158,10 +194,16 @@ class StableDiffusion(ComposerModel):
         return self.encode_text(input_ids)
 
     def _latents(self, batch: dict[str, Any], generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Scaled latents from whichever the batch holds: a latent sample, the posterior's moments, or images."""
+        if ('image_latents' in batch or 'image_latents_mean' in batch) and self.train_vae:
+            raise ValueError('Precomputed image latents cannot train the VAE; set train_vae=false.')
         if 'image_latents' in batch:
-            return batch['image_latents']
+            return self.scale_latents(batch['image_latents'])
+        if 'image_latents_mean' in batch:
+            mean, std = batch['image_latents_mean'], batch['image_latents_std']
+            return self.scale_latents(self.sample_latents(mean.float(), std.float(), generator=generator))
         if 'image' not in batch:
-            raise KeyError(f'Batch needs "image" or "image_latents"; it has keys {sorted(batch)}.')
+            raise KeyError(f'Batch needs "image", "image_latents" or "image_latents_mean"; it has {sorted(batch)}.')
         return self.encode_images(batch['image'], generator=generator)
 
     # -- ComposerModel -------------------------------------------------------------------------------------------

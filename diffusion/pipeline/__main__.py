@@ -1,6 +1,7 @@
 """Command line of the data pipeline: ``python -m diffusion.pipeline <stage> ...``.
 
-Stages: ``ingest`` (raw inputs -> MDS), ``filter``, ``caption``, ``report``. Every stage but ``report`` runs on
+Stages: ``ingest`` (raw inputs -> MDS), ``filter``, ``caption``, ``report``, and ``precompute`` (image-caption
+shards -> latent shards for training without the encoders). Every stage but ``report`` runs on
 any number of ranks under the composer launcher or torchrun, e.g.
 ``composer -n 8 -m diffusion.pipeline caption --input s3://bucket/filtered --out s3://bucket/captioned``.
 """
@@ -69,6 +70,21 @@ def _build_parser() -> argparse.ArgumentParser:
     caption_parser.add_argument('--dtype', default=None, help='float32, float16 or bfloat16 (default by device).')
     _add_output_arguments(caption_parser)
 
+    precompute_parser = stages.add_parser('precompute', help='Encode images and captions once: latent shards.')
+    precompute_parser.add_argument('--input', required=True, help='Image-caption dataset (folder or s3://...).')
+    precompute_parser.add_argument('--config', required=True, help='Training yaml whose model section is encoded with.')
+    precompute_parser.add_argument('--override', nargs='*', default=[], help='Config overrides, e.g. model.name=x.')
+    precompute_parser.add_argument(
+        '--resolution', type=int, default=None, help="Default: the config's train_dataloader.resolution."
+    )
+    precompute_parser.add_argument('--store', choices=('moments', 'sample'), default='moments')
+    precompute_parser.add_argument('--latents-dtype', choices=('float16', 'bfloat16', 'float32'), default='float16')
+    precompute_parser.add_argument('--encode-dtype', choices=('float32', 'bfloat16'), default='float32')
+    precompute_parser.add_argument('--caption-column', default='caption')
+    precompute_parser.add_argument('--batch-size', type=int, default=32)
+    precompute_parser.add_argument('--seed', type=int, default=0, help='Seed of the draws with --store sample.')
+    _add_output_arguments(precompute_parser)
+
     report_parser = stages.add_parser('report', help='Provenance report of stage outputs, in pipeline order.')
     report_parser.add_argument('stage_outputs', nargs='+', help='The output folders of the stages, in order.')
     report_parser.add_argument('--out', required=True, help='Local folder for the report files.')
@@ -93,6 +109,15 @@ def _summary(runner: StageRunner, num_units: int) -> None:
         for reason, by_license in s['dropped'].items():
             dropped[reason] = dropped.get(reason, 0) + sum(by_license.values())
     print(f'{runner.stage}: kept {kept}, dropped {sum(dropped.values())} {json.dumps(dropped, sort_keys=True)}')
+
+
+def _config_resolution(config: str, overrides: Sequence[str]) -> int:
+    from diffusion.config import load_config
+
+    resolution = load_config(config, list(overrides)).get('train_dataloader', {}).get('resolution')
+    if resolution is None:
+        raise ValueError(f'{config} has no train_dataloader.resolution; pass --resolution.')
+    return int(resolution)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -124,6 +149,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             near_duplicate_distance=None if args.near_duplicate_distance < 0 else args.near_duplicate_distance,
         )
         runner = filter_dataset(args.input, args.out, options=options, **_runner_kwargs(args))
+    elif args.stage == 'precompute':
+        from diffusion.pipeline.precompute import PrecomputeOptions, precompute_latents
+
+        resolution = args.resolution or _config_resolution(args.config, args.override)
+        options = PrecomputeOptions(
+            resolution=resolution,
+            store=args.store,
+            latents_dtype=args.latents_dtype,
+            encode_dtype=args.encode_dtype,
+            caption_column=args.caption_column,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+        runner = precompute_latents(
+            args.input, args.out, config=args.config, overrides=args.override, options=options, **_runner_kwargs(args)
+        )
     else:
         # Imported here: transformers' BLIP-2 takes seconds to import and only this stage needs it.
         from diffusion.pipeline.captioning import caption_dataset

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch.distributed as torch_dist
 from tqdm.auto import tqdm
 
-from diffusion.pipeline.shards import SIDE_COLUMNS, OutputDataset
+from diffusion.pipeline.shards import MDS_COLUMNS, SIDE_COLUMNS, OutputDataset
 
 __all__ = ['Drop', 'RankInfo', 'StageRunner', 'UnitStats', 'rank_info']
 
@@ -101,6 +101,8 @@ class StageRunner:
         size_limit (str): MDS shard size limit. Default: ``'64mb'``.
         progress (bool): Show a progress bar per rank. Default: ``True``.
         barrier_timeout (float): Seconds a rank waits for the others before the merge. Default: 24 hours.
+        columns (dict, optional): MDS columns of the output. Default: the image-caption columns (``MDS_COLUMNS``).
+        side_columns (tuple, optional): Columns copied to each unit's ``samples.jsonl``. Default: ``SIDE_COLUMNS``.
     """
 
     def __init__(
@@ -114,6 +116,8 @@ class StageRunner:
         size_limit: str = '64mb',
         progress: bool = True,
         barrier_timeout: float = 24 * 3600,
+        columns: Optional[dict[str, str]] = None,
+        side_columns: Optional[tuple[str, ...]] = None,
     ):
         self.stage = stage
         self.ranks = rank_info()
@@ -125,6 +129,8 @@ class StageRunner:
         self.size_limit = size_limit
         self.progress = progress
         self.barrier_timeout = barrier_timeout
+        self.columns = columns or MDS_COLUMNS
+        self.side_columns = SIDE_COLUMNS if side_columns is None else side_columns
 
     def _init_distributed(self) -> None:
         if self.ranks.world_size > 1 and not torch_dist.is_initialized():
@@ -204,14 +210,15 @@ class StageRunner:
         stats = UnitStats(self.stage, unit)
         side_lines = []
         name = self.output.unit_name(unit)
-        with self.output.writer(unit, compression=self.compression, size_limit=self.size_limit) as writer:
+        writer = self.output.writer(unit, self.columns, compression=self.compression, size_limit=self.size_limit)
+        with writer:
             for item in process(unit):
                 if isinstance(item, Drop):
                     stats.drop(item)
                     continue
                 writer.write(item)
-                stats.keep(item['license'])
-                side_lines.append(json.dumps({k: item[k] for k in SIDE_COLUMNS}))
+                stats.keep(item.get('license', 'unknown'))
+                side_lines.append(json.dumps({k: item[k] for k in self.side_columns}))
         self.output.write_text(f'{name}/samples.jsonl', ''.join(line + '\n' for line in side_lines))
         stats.seconds = time.perf_counter() - start
         self.output.write_text(f'{name}/stats.json', json.dumps(stats.to_dict(), indent=1))

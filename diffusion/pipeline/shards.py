@@ -256,7 +256,7 @@ class OutputDataset:
             f.write(text)
         uploader.upload_file(name)
 
-    def writer(self, unit: int, *, compression: Optional[str], size_limit: str) -> MDSWriter:
+    def writer(self, unit: int, columns: dict[str, str], *, compression: Optional[str], size_limit: str) -> MDSWriter:
         """A fresh ``MDSWriter`` for ``unit``, after removing what a crashed run may have left there."""
         name = self.unit_name(unit)
         if self.remote:
@@ -268,7 +268,7 @@ class OutputDataset:
             shutil.rmtree(out, ignore_errors=True)
         return MDSWriter(
             out=out,
-            columns=MDS_COLUMNS,
+            columns=columns,
             compression=compression,
             size_limit=size_limit,
             exist_ok=True,

@@ -1,0 +1,152 @@
+"""Precompute stage: image-caption shards -> shards of VAE latents and text embeddings, so training skips both
+encoders (about 1.4x less time per step for SD2 at 256 px, per mosaicml/diffusion).
+
+The encoders come from a training yaml's ``model`` section (the same factory, weights and tokenizer the run will
+use), built through :mod:`diffusion.registry`. Images get the deterministic part of the training transform (resize
+the short side, center crop; random crops and flips cannot be precomputed). The VAE encodes in fp32 by default (the
+SD VAE overflows in fp16, and low-precision latents differ from on-the-fly ones); the stored dtype is a separate
+choice. What is stored is the posterior's unscaled mean and std (``--store moments``, the default, so training
+still samples a fresh latent each epoch) or one unscaled sample; the model applies the scaling factor, once.
+
+This is a separate job that writes shards, on any number of ranks (``composer -n 8 -m diffusion.pipeline
+precompute ...``, one GPU each) and resumable like every stage; never an in-memory cache inside training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from diffusion.data.image_caption import decode_image, image_transform
+from diffusion.data.latents import STORAGE_DTYPES, to_stored
+from diffusion.pipeline.runner import StageRunner, rank_info
+from diffusion.pipeline.shards import SIDE_COLUMNS, InputDataset, require_input
+
+__all__ = ['PrecomputeOptions', 'encode_batch', 'precompute_latents']
+
+STORES = ('moments', 'sample')
+
+
+@dataclass(frozen=True)
+class PrecomputeOptions:
+    """What is encoded and how it is stored.
+
+    Args:
+        resolution (int): Side of the center-cropped image that is encoded. Default: ``256``.
+        store (str): ``'moments'`` (posterior mean and std) or ``'sample'`` (one draw). Default: ``'moments'``.
+        latents_dtype (str): Storage dtype: ``'float16'``, ``'bfloat16'`` or ``'float32'``. Default: ``'float16'``.
+        encode_dtype (str): Dtype the encoders run in: ``'float32'`` or ``'bfloat16'``. Default: ``'float32'``.
+        caption_column (str): Column whose text is encoded. Default: ``'caption'``.
+        batch_size (int): Images per encoder call. Default: ``32``.
+        seed (int): Seed of the draws with ``store='sample'`` (per unit: ``seed + unit``). Default: ``0``.
+    """
+
+    resolution: int = 256
+    store: str = 'moments'
+    latents_dtype: str = 'float16'
+    encode_dtype: str = 'float32'
+    caption_column: str = 'caption'
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.store not in STORES:
+            raise ValueError(f'Unknown store {self.store!r}. Valid values: {", ".join(STORES)}.')
+        if self.latents_dtype not in STORAGE_DTYPES:
+            raise ValueError(f'Unknown latents_dtype {self.latents_dtype!r}. Valid: {", ".join(STORAGE_DTYPES)}.')
+        if self.encode_dtype not in ('float32', 'bfloat16'):
+            raise ValueError(
+                f'encode_dtype must be float32 or bfloat16, got {self.encode_dtype!r} (the SD VAE overflows in fp16).'
+            )
+
+
+def encode_batch(
+    model: Any, images: torch.Tensor, captions: Sequence[str], options: PrecomputeOptions, generator=None
+) -> dict[str, torch.Tensor]:
+    """Latent columns for a batch: posterior moments or a sample (unscaled), and the text embeddings."""
+    with torch.no_grad():
+        mean, std = model.vae_moments(images)
+        out = {'text_embeds': model.encode_text(model.tokenize(captions))}
+        if options.store == 'moments':
+            out.update(image_latents_mean=mean, image_latents_std=std)
+        else:
+            out['image_latents'] = model.sample_latents(mean, std, generator=generator)
+    return out
+
+
+def _latent_columns(options: PrecomputeOptions, carried: dict[str, str]) -> dict[str, str]:
+    tensors = ('image_latents_mean', 'image_latents_std') if options.store == 'moments' else ('image_latents',)
+    return {**carried, **dict.fromkeys((*tensors, 'text_embeds'), 'ndarray'), 'latents_dtype': 'str'}
+
+
+def _build_model(config: str, overrides: Sequence[str], encode_dtype: str) -> Any:
+    """The config's model, seeded as training seeds it, so even randomly initialised encoders are the same ones."""
+    from composer.utils import reproducibility
+
+    from diffusion.config import load_config
+    from diffusion.train import build_model
+
+    cfg = load_config(config, list(overrides))
+    reproducibility.seed_all(cfg.seed)
+    model = build_model(cfg.model).eval()
+    device = torch.device(f'cuda:{rank_info().local_rank}' if torch.cuda.is_available() else 'cpu')
+    model.vae.to(device, STORAGE_DTYPES[encode_dtype])
+    model.text_encoder.to(device, STORAGE_DTYPES[encode_dtype])
+    return model
+
+
+def precompute_latents(
+    input_root: str,
+    out: str,
+    *,
+    config: str,
+    overrides: Sequence[str] = (),
+    options: PrecomputeOptions = PrecomputeOptions(),
+    **runner_kwargs: Any,
+) -> StageRunner:
+    """Run the precompute stage from the image-caption dataset ``input_root`` into ``out``.
+
+    Args:
+        input_root (str): Image-caption MDS dataset (local or object storage) with ``image`` and the caption column.
+        out (str): Output folder or object-store URL.
+        config (str): Training yaml whose ``model`` section names the encoders; ``overrides`` as on the command line.
+        options (PrecomputeOptions): What is encoded and stored.
+        **runner_kwargs: Passed to :class:`~diffusion.pipeline.runner.StageRunner`.
+    """
+    require_input(input_root)
+    settings = {'input': input_root, 'config': config, 'overrides': list(overrides), **asdict(options)}
+    runner = StageRunner('precompute', out, settings, **runner_kwargs)
+    dataset = InputDataset(input_root, runner.scratch)
+    columns = (
+        dict(zip(dataset.shards[0]['column_names'], dataset.shards[0]['column_encodings'])) if dataset.shards else {}
+    )
+    for needed in ('image', options.caption_column):
+        if needed not in columns:
+            raise ValueError(f'{input_root} has no {needed!r} column; its columns are {sorted(columns)}.')
+    carried = {name: encoding for name, encoding in columns.items() if name != 'image'}
+    # The output's columns follow the input's: provenance columns are carried over whatever they are.
+    runner.columns = _latent_columns(options, carried)
+    runner.side_columns = tuple(c for c in SIDE_COLUMNS if c in carried)
+    model = _build_model(config, overrides, options.encode_dtype)
+    transform = image_transform(options.resolution, crop='center')
+
+    def process(unit: int) -> Iterator[dict[str, Any]]:
+        device = model.vae.device
+        generator = torch.Generator(device=device).manual_seed(options.seed + unit)
+        batch: list[dict[str, Any]] = []
+        for sample in [*dataset.iter_shard(unit), None]:
+            if sample is not None:
+                batch.append(sample)
+            if batch and (sample is None or len(batch) == options.batch_size):
+                images = torch.stack([transform(decode_image(s['image'])) for s in batch]).to(device)
+                encoded = encode_batch(model, images, [s[options.caption_column] for s in batch], options, generator)
+                for row, sample_in in enumerate(batch):
+                    kept = {name: sample_in[name] for name in carried}
+                    tensors = {name: to_stored(value[row], options.latents_dtype) for name, value in encoded.items()}
+                    yield {**kept, **tensors, 'latents_dtype': options.latents_dtype}
+                batch = []
+
+    runner.run(len(dataset), process)
+    return runner
