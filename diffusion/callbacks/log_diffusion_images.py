@@ -15,6 +15,7 @@ from composer.core import Callback, State, Time, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 
+from diffusion.callbacks.ema_weights import ema_weights
 from diffusion.callbacks.image_grid import save_image_grid
 from diffusion.utils import unwrap_model
 
@@ -36,6 +37,7 @@ class LogDiffusionImages(Callback):
         width (int, optional): Image width; default: the model's native size.
         scheduler (str, optional): Sampler name; default: the model's.
         negative_prompts (Sequence[str], optional): One per prompt, or none.
+        use_ema (bool): Sample with the EMA weights when an ``ema`` algorithm has started. Default: ``True``.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class LogDiffusionImages(Callback):
         width: Optional[int] = None,
         scheduler: Optional[str] = None,
         negative_prompts: Optional[Sequence[str]] = None,
+        use_ema: bool = True,
     ):
         if not prompts:
             raise ValueError('LogDiffusionImages needs at least one prompt.')
@@ -67,6 +70,7 @@ class LogDiffusionImages(Callback):
             scheduler=scheduler,
             negative_prompts=list(negative_prompts) if negative_prompts else None,
         )
+        self.use_ema = use_ema
         self._last_logged_batch = -1
 
     def batch_end(self, state: State, logger: Logger) -> None:
@@ -85,8 +89,8 @@ class LogDiffusionImages(Callback):
         if batch == self._last_logged_batch:
             return
         self._last_logged_batch = batch
-        model = unwrap_model(state.model)
-        images = model.generate(self.prompts, seed=self.seed, **self.generate_kwargs)
+        with ema_weights(state, self.use_ema):
+            images = unwrap_model(state.model).generate(self.prompts, seed=self.seed, **self.generate_kwargs)
         logger.log_images(images, name='samples', step=batch)
         if dist.get_global_rank() == 0:
             path = save_image_grid(images, os.path.join(self.folder, f'batch_{batch:07d}.png'))

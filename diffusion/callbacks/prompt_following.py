@@ -18,6 +18,7 @@ from composer.core import Callback, State, Time, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 
+from diffusion.callbacks.ema_weights import ema_weights
 from diffusion.callbacks.image_grid import save_image_grid
 from diffusion.evaluation.prompt_following import DEMO_PROMPTS_PATH, load_prompts, score_prompt_following
 from diffusion.utils import unwrap_model
@@ -40,6 +41,7 @@ class PromptFollowing(Callback):
         batch_size (int): Prompts sampled at once. Default: ``32``.
         grid_columns (int, optional): Images per row of the grid, which holds every seed of a prompt side by side
             (the demo uses 6: three shapes of one colour, two seeds each). Default: about the square root.
+        use_ema (bool): Sample with the EMA weights when an ``ema`` algorithm has started. Default: ``True``.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class PromptFollowing(Callback):
         scheduler: Optional[str] = None,
         batch_size: int = 32,
         grid_columns: Optional[int] = None,
+        use_ema: bool = True,
     ):
         self.prompts = load_prompts(prompts_file)
         if not self.prompts:
@@ -69,6 +72,7 @@ class PromptFollowing(Callback):
         )
         self.batch_size = batch_size
         self.grid_columns = grid_columns
+        self.use_ema = use_ema
         self.last_result: Optional[dict] = None
 
     def batch_end(self, state: State, logger: Logger) -> None:
@@ -92,9 +96,9 @@ class PromptFollowing(Callback):
         return images, prompts
 
     def evaluate(self, state: State, logger: Logger, final: bool = False) -> dict:
-        model = unwrap_model(state.model)
-        images, prompts = self.sample(model)
-        result = score_prompt_following(images.cpu(), prompts)
+        with ema_weights(state, self.use_ema) as on_ema:
+            images, prompts = self.sample(unwrap_model(state.model))
+        result = {**score_prompt_following(images.cpu(), prompts), 'ema_weights': on_ema}
         batch = int(state.timestamp.batch)
         logger.log_metrics({'prompt_following/color': result['color'], 'prompt_following/shape': result['shape']})
         self.last_result = result

@@ -15,6 +15,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from diffusion.callbacks.ema_weights import ema_weights
 from diffusion.utils import unwrap_model
 
 __all__ = ['SavePretrained']
@@ -26,11 +27,14 @@ class SavePretrained(Callback):
     Args:
         folder (str): Output folder.
         components (Sequence[str]): Attribute names of the model to save (``'vae'``, ``'unet'``, ...).
+        use_ema (bool): Export the EMA weights when an ``ema`` algorithm has started (what the paper releases).
+            Default: ``True``.
     """
 
-    def __init__(self, folder: str, components: Sequence[str] = ('vae',)):
+    def __init__(self, folder: str, components: Sequence[str] = ('vae',), use_ema: bool = True):
         self.folder = folder
         self.components = list(components)
+        self.use_ema = use_ema
 
     def fit_end(self, state: State, logger: Logger) -> None:
         model = unwrap_model(state.model)
@@ -39,7 +43,8 @@ class SavePretrained(Callback):
                 raise ValueError(f'SavePretrained: the model has no component {name!r} with save_pretrained.')
         if hasattr(model, 'prepare_for_export'):
             model.prepare_for_export()
-        if dist.get_global_rank() == 0:
-            for name in self.components:
-                getattr(model, name).save_pretrained(os.path.join(self.folder, name))
-        dist.barrier()
+        with ema_weights(state, self.use_ema):
+            if dist.get_global_rank() == 0:
+                for name in self.components:
+                    getattr(model, name).save_pretrained(os.path.join(self.folder, name))
+            dist.barrier()
