@@ -26,6 +26,7 @@ from composer import callbacks as composer_callbacks
 from composer import loggers as composer_loggers
 from composer import optim as composer_optim
 
+from diffusion import algorithms as our_algorithms
 from diffusion import callbacks as our_callbacks
 from diffusion.data.image_caption import build_image_caption_dataloader
 from diffusion.data.latents import build_latent_dataloader
@@ -108,11 +109,15 @@ loggers = Registry('loggers', 'Composer LoggerDestinations (file, TensorBoard, W
 # Composer's own components under the snake_case names of its docs, and this package's.
 algorithms.register_all(
     {
-        'ema': composer_algorithms.EMA,
+        # Composer's EMA (ema_start for scheduled EMA), made to work with an FSDP-sharded UNet.
+        'ema': our_algorithms.ShardedEMA,
         'low_precision_groupnorm': composer_algorithms.LowPrecisionGroupNorm,
         'low_precision_layernorm': composer_algorithms.LowPrecisionLayerNorm,
         'channels_last': composer_algorithms.ChannelsLast,
         'gradient_clipping': composer_algorithms.GradientClipping,
+        'attention_backend': our_algorithms.AttentionBackend,
+        'gradient_checkpointing': our_algorithms.GradientCheckpointing,
+        'compile_unet': our_algorithms.CompileUNet,
     }
 )
 callbacks.register_all(

@@ -66,21 +66,19 @@ def tiny_config(data: str, run_folder: str, *overrides: str):
     )
 
 
-def run_composer(yaml: str, *overrides: str, processes: int = 1) -> str:
-    """``composer -n <processes> train.py <yaml> <overrides>`` from the repo root; asserts success, returns stdout."""
-    command = [
-        os.path.join(os.path.dirname(sys.executable), 'composer'),
-        '-n',
-        str(processes),
-        'train.py',
-        yaml,
-        *overrides,
-    ]
+def run_script(script: str, *args: str, processes: int = 1) -> str:
+    """``composer -n <processes> <script> <args>`` from the repo root; asserts success, returns stdout."""
+    command = [os.path.join(os.path.dirname(sys.executable), 'composer'), '-n', str(processes), script, *args]
     result = subprocess.run(
         command, cwd=REPO_ROOT, env={**os.environ, 'PYTHONPATH': REPO_ROOT}, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
+
+
+def run_composer(yaml: str, *overrides: str, processes: int = 1) -> str:
+    """``composer -n <processes> train.py <yaml> <overrides>``: a training run as users launch it."""
+    return run_script('train.py', yaml, *overrides, processes=processes)
 
 
 def build_tiny_sd(**overrides):

@@ -3,8 +3,8 @@
 Composer's ``EMA`` algorithm (with ``ema_start`` for the paper's scheduled EMA) swaps its weights in for evaluation
 and checkpoints, but callbacks that sample during training or export at the end would see the raw training
 weights. :func:`ema_weights` swaps the EMA weights in for a block and back afterwards, through the algorithm's own
-``EMAParameters.swap_params`` (which summons full parameters when the model is FSDP-sharded). It does nothing when
-no EMA runs or before ``ema_start``, when the average does not exist yet.
+swap (:class:`~diffusion.algorithms.ShardedEMA`, registered as ``ema``, makes that work when the model is
+FSDP-sharded). It does nothing when no EMA runs or before ``ema_start``, when the average does not exist yet.
 """
 
 from __future__ import annotations
@@ -33,11 +33,9 @@ def ema_weights(state: State, enabled: bool = True) -> Iterator[bool]:
     if ema.ema_weights_active:  # a checkpoint just swapped them in; the next batch swaps them out
         yield True
         return
-    ema.ema_model.move_params_to_device(destination_model=state.model)
-    ema.ema_model.swap_params(model=state.model)
-    ema.ema_weights_active = True
+    # Through the algorithm's own swap, which diffusion's ShardedEMA makes work under FSDP.
+    ema._ensure_ema_weights_active(state)
     try:
         yield True
     finally:
-        ema.ema_model.swap_params(model=state.model)
-        ema.ema_weights_active = False
+        ema._ensure_training_weights_active(state)

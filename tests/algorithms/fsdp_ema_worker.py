@@ -1,0 +1,103 @@
+"""Two-rank worker for tests/algorithms/test_sharded_ema.py (run under ``composer -n 2``, gloo on CPU).
+
+Shards the tiny model's children with torch FSDP the way Composer's FSDP integration does (one FSDP root per child
+of the ComposerModel, inner units from the ``_fsdp_wrap`` markers), trains it a few steps next to an unsharded copy,
+and checks that ShardedEMA's average equals Composer's EMA on the copy. Prints ``OK <max abs diff>`` on rank 0.
+"""
+
+import copy
+import sys
+
+import torch
+from composer.algorithms import EMA
+from composer.core import Event, State
+from composer.devices import DeviceCPU
+from composer.loggers import Logger
+from composer.utils import dist
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp.wrap import CustomPolicy
+
+from diffusion.algorithms.sharded_ema import ShardedEMA, full_parameters
+from diffusion.parallelism import mark_fsdp_units
+from tests.conftest import build_tiny_sd
+
+
+def shard_like_composer(model: torch.nn.Module) -> None:
+    for name, child in list(model.named_children()):
+        if getattr(child, '_fsdp_wrap', True) is False or not list(child.parameters()):
+            continue
+        policy = CustomPolicy(lambda module: getattr(module, '_fsdp_wrap', False) is True)
+        wrapped = FSDP(child, auto_wrap_policy=policy, device_id=torch.device('cpu'), use_orig_params=True)
+        setattr(model, name, wrapped)
+
+
+def make_state(model: torch.nn.Module) -> State:
+    return State(model=model, rank_zero_seed=0, run_name='fsdp-ema', device=DeviceCPU(), max_duration='10ba')
+
+
+def step(model, optimizer, batch, seed: int) -> None:
+    torch.manual_seed(seed)  # the same noise and timesteps on both models and both ranks
+    model.loss(model(batch), batch).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def run_events(algorithm, state, logger, events) -> None:
+    for event in events:
+        if algorithm.match(event, state):
+            algorithm.apply(event, state, logger)
+
+
+def main() -> None:
+    dist.initialize_dist(DeviceCPU())
+    torch.manual_seed(0)
+    sharded = build_tiny_sd()
+    reference = copy.deepcopy(sharded)
+    mark_fsdp_units(sharded)
+    shard_like_composer(sharded)
+    assert isinstance(sharded.unet, FSDP) and not isinstance(sharded.vae, FSDP)
+
+    # Composer's own EMA cannot average a model whose children are sharded.
+    try:
+        EMA(half_life='2ba', ema_start='0ba').apply(Event.INIT, make_state(sharded), Logger(make_state(sharded)))
+        composer_error = 'none'
+    except AttributeError as error:
+        composer_error = str(error)
+
+    batch = {'image': torch.rand(2, 3, 16, 16) * 2 - 1, 'captions': ['a red circle', 'a blue square']}
+    runs = []
+    for model, algorithm in ((sharded, ShardedEMA(half_life='2ba', ema_start='1ba')),
+                             (reference, EMA(half_life='2ba', ema_start='1ba'))):  # fmt: skip
+        state = make_state(model)
+        logger = Logger(state)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        run_events(algorithm, state, logger, [Event.INIT, Event.FIT_START])
+        for index in range(4):
+            run_events(algorithm, state, logger, [Event.BATCH_START])
+            step(model, optimizer, batch, seed=index)
+            state.timestamp = state.timestamp.to_next_batch(samples=2, tokens=0)
+            run_events(algorithm, state, logger, [Event.BATCH_END])
+        runs.append((algorithm, state))
+
+    (sharded_ema, sharded_state), (reference_ema, reference_state) = runs
+    averaged = sharded_ema.ema_model.named_parameters_dict
+    expected = reference_ema.ema_model.named_parameters_dict
+    assert set(averaged) == set(expected), sorted(set(averaged) ^ set(expected))[:5]
+    diff = max(float((averaged[k] - expected[k]).abs().max()) for k in expected)
+    # Swapping in the EMA weights (what sampling and export do) gives the averaged UNet on every rank.
+    sharded_ema._ensure_ema_weights_active(sharded_state)
+    with full_parameters(sharded):
+        unet = {f'unet.{k}': v.detach().clone() for k, v in sharded.unet.named_parameters()}
+    sharded_ema._ensure_training_weights_active(sharded_state)
+    unet = {k.replace('_fsdp_wrapped_module.', ''): v for k, v in unet.items()}
+    swap_diff = max(float((unet[k] - expected[k]).abs().max()) for k in unet)
+    trained = {f'unet.{k}': v for k, v in reference.unet.named_parameters()}
+    train_diff = max(float((trained[k] - expected[k]).abs().max()) for k in trained)
+    if dist.get_global_rank() == 0:
+        print(f'composer_error={composer_error!r}')
+        print(f'OK ema_diff={diff:.3g} swap_diff={swap_diff:.3g} train_diff={train_diff:.3g} params={len(expected)}')
+    sys.stdout.flush()
+
+
+if __name__ == '__main__':
+    main()
