@@ -30,9 +30,10 @@ class TrainConfig:
         model: ``{name: <models registry name>, **kwargs}``.
         train_dataloader: ``{name: <dataloaders registry name>, batch_size: <global>, **kwargs}``.
         max_duration: Training length as a Composer time string (``'1000ba'``, ``'2ep'``, ``'1000000sp'``).
-        eval_dataloader: Like ``train_dataloader``; validation is skipped when ``None``.
+        eval_dataloader: Like ``train_dataloader``; validation is skipped when empty.
         optimizer: ``{name: <optimizers registry name>, **kwargs}``; gets the trainable parameters.
-        scheduler: ``{name: <schedulers registry name>, **kwargs}`` or ``None`` for a constant LR.
+        scheduler: ``{name: <schedulers registry name>, **kwargs}``, or empty for a constant LR.
+        parallelism_config: Composer's parallelism config, e.g. ``{fsdp: {sharding_strategy: FULL_SHARD}}``.
         algorithms, callbacks, loggers: ``{<registry name>: {**kwargs}}``.
     """
 
@@ -42,9 +43,10 @@ class TrainConfig:
     run_name: Optional[str] = None
     run_folder: Optional[str] = None
     seed: int = 17
-    eval_dataloader: Optional[Dict[str, Any]] = None
+    # Empty dicts rather than None for optional sections, so that `section={...}` overrides merge into them.
+    eval_dataloader: Dict[str, Any] = field(default_factory=dict)
     optimizer: Dict[str, Any] = field(default_factory=lambda: {'name': 'adamw', 'lr': 1.0e-4})
-    scheduler: Optional[Dict[str, Any]] = None
+    scheduler: Dict[str, Any] = field(default_factory=dict)
     algorithms: Dict[str, Optional[Dict[str, Any]]] = field(default_factory=dict)
     callbacks: Dict[str, Optional[Dict[str, Any]]] = field(default_factory=dict)
     loggers: Dict[str, Optional[Dict[str, Any]]] = field(default_factory=dict)
@@ -65,7 +67,7 @@ class TrainConfig:
     console_log_interval: str = '1ba'
     deterministic_mode: bool = False
     dist_timeout: float = 300.0
-    parallelism_config: Optional[Dict[str, Any]] = None
+    parallelism_config: Dict[str, Any] = field(default_factory=dict)
     python_log_level: Optional[str] = 'info'
     tags: List[str] = field(default_factory=list)
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion import registry
 from diffusion.config import validate_config
+from diffusion.parallelism import check_parallelism_config, resolve_parallelism
 
 __all__ = [
     'check_sections',
@@ -74,13 +75,14 @@ def check_sections(cfg: DictConfig) -> None:
         ('train_dataloader', registry.dataloaders),
         ('eval_dataloader', registry.dataloaders),
     ):
-        if cfg[section] is not None:
+        if cfg[section]:  # optional sections are empty when unused
             kwargs = _section(cfg[section])
             provided = ('params',) if section == 'optimizer' else ('tokenizer',) if 'dataloader' in section else ()
             reg.check(kwargs.pop('name'), kwargs, where=section, provided=provided)
     for section in ('algorithms', 'callbacks', 'loggers'):
         for name, kwargs in _section(cfg[section]).items():
             getattr(registry, section).check(name, kwargs, where=f'{section}.{name}')
+    check_parallelism_config(_section(cfg.parallelism_config))
 
 
 class RestoreRngMidEpoch(Callback):
@@ -125,11 +127,11 @@ def build_trainer(cfg: Any) -> Trainer:
     model = build_model(cfg.model)
     train_dataloader = build_dataloader(cfg.train_dataloader, model, 'train_dataloader')
     eval_dataloader = None
-    if cfg.eval_dataloader is not None:
+    if cfg.eval_dataloader:
         eval_dataloader = build_dataloader(cfg.eval_dataloader, model, 'eval_dataloader')
     optimizer = build_optimizer(cfg.optimizer, model)
     scheduler = None
-    if cfg.scheduler is not None:
+    if cfg.scheduler:
         kwargs = _section(cfg.scheduler)
         scheduler = registry.schedulers.build(kwargs.pop('name'), kwargs, where='scheduler')
 
@@ -162,7 +164,7 @@ def build_trainer(cfg: Any) -> Trainer:
         seed=cfg.seed,
         deterministic_mode=cfg.deterministic_mode,
         dist_timeout=cfg.dist_timeout,
-        parallelism_config=_section(cfg.parallelism_config) if cfg.parallelism_config is not None else None,
+        parallelism_config=resolve_parallelism(_section(cfg.parallelism_config), device, model),
         python_log_level=cfg.python_log_level,
     )
     _restore_rng_mid_epoch(trainer)

@@ -1,0 +1,79 @@
+"""FSDP for the diffusion models through Composer's ``parallelism_config``, applied from outside the model.
+
+Composer wraps each child of a ``ComposerModel`` in its own FSDP root and, inside it, every module marked
+``_fsdp_wrap = True``; it checkpoints activations of modules for which the child's ``activation_checkpointing_fn``
+is true. :func:`mark_fsdp_units` sets those markers:
+
+- the UNet is sharded, one FSDP unit per down block, the mid block and each up block (about 10 units for SD2, so
+  only one block's full weights are gathered at a time), and activation checkpointing, when configured, covers its
+  transformer blocks and ResNet blocks;
+- a frozen VAE or text encoder is left out of FSDP (``_fsdp_wrap = False``): it has no gradients to reduce and no
+  optimizer state to shard, so replicating it (0.4B parameters for SD2) costs less than all-gathering it at every
+  step; one that trains is sharded like the UNet.
+
+Composer's FSDP needs CUDA (it calls ``torch.cuda.current_device()``); on CPU :func:`resolve_parallelism` says so
+and returns ``None``, so the run uses DDP (gloo) with the same config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Optional
+
+from composer.utils import dist
+from composer.utils.parallelism import FSDP2Config, FSDPConfig, ParallelismConfig, TPConfig
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.resnet import ResnetBlock2D
+
+__all__ = ['check_parallelism_config', 'mark_fsdp_units', 'resolve_parallelism']
+
+CPU_FSDP_MESSAGE = (
+    'parallelism_config.fsdp is set but this run is on CPU: Composer runs FSDP on CUDA GPUs only. '
+    'Training continues with DDP (each rank holds the full model); the FSDP settings apply on GPUs.'
+)
+
+
+def _checkpointed(module: Any) -> bool:
+    return isinstance(module, (BasicTransformerBlock, ResnetBlock2D))
+
+
+def mark_fsdp_units(model: Any) -> None:
+    """Set Composer's FSDP wrapping and activation-checkpointing markers on a diffusion model's parts."""
+    unet = model.unet
+    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+        if block is not None:
+            block._fsdp_wrap = True
+    unet.activation_checkpointing_fn = _checkpointed
+    for name in ('vae', 'text_encoder', 'text_encoder_2'):
+        part = getattr(model, name, None)
+        if part is not None:
+            part._fsdp_wrap = any(p.requires_grad for p in part.parameters())
+
+
+def check_parallelism_config(parallelism_config: Optional[dict[str, Any]]) -> None:
+    """Fail on an unknown section or key: Composer's ``FSDPConfig`` would silently keep a misspelled key."""
+    sections = {f.name: f for f in dataclasses.fields(ParallelismConfig)}
+    for section, options in (parallelism_config or {}).items():
+        if section not in sections:
+            raise ValueError(f'Unknown key parallelism_config.{section}. Valid keys: {", ".join(sections)}.')
+        schema = {'fsdp': FSDPConfig, 'fsdp2': FSDP2Config, 'tp': TPConfig}[section]
+        valid = [f.name for f in dataclasses.fields(schema) if not f.name.startswith('_')]
+        for key in options or {}:
+            if key not in valid:
+                raise ValueError(f'Unknown key parallelism_config.{section}.{key}. Valid keys: {", ".join(valid)}.')
+
+
+def resolve_parallelism(parallelism_config: Optional[dict[str, Any]], device: str, model: Any) -> Optional[dict]:
+    """The parallelism config to give the Trainer: FSDP markers set on GPU, FSDP dropped with a message on CPU."""
+    check_parallelism_config(parallelism_config)
+    if not parallelism_config or not parallelism_config.get('fsdp'):
+        return parallelism_config or None
+    if device != 'gpu':
+        warnings.warn(CPU_FSDP_MESSAGE, stacklevel=2)
+        if dist.get_global_rank() == 0:
+            print(CPU_FSDP_MESSAGE, flush=True)
+        rest = {key: value for key, value in parallelism_config.items() if key != 'fsdp'}
+        return rest or None
+    mark_fsdp_units(model)
+    return parallelism_config
