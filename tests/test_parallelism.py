@@ -1,11 +1,13 @@
 """FSDP through the parallelism config: the markers Composer's FSDP reads, and the CPU fallback to DDP."""
 
+import os
+
 import pytest
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
 
 from diffusion.parallelism import CPU_FSDP_MESSAGE, mark_fsdp_units, resolve_parallelism
-from tests.conftest import TEST_MODEL_OVERRIDES, TINY_YAML, build_tiny_sd, run_composer
+from tests.conftest import REPO_ROOT, TEST_MODEL_OVERRIDES, TINY_YAML, build_tiny_sd, run_composer
 
 
 def test_unet_blocks_are_fsdp_units_and_frozen_encoders_stay_out():
@@ -59,3 +61,45 @@ def test_a_misspelled_fsdp_key_is_named_before_anything_is_built():
         resolve_parallelism({'fsdp': {'activation_checkpoiting': True}}, 'cpu', build_tiny_sd())
     with pytest.raises(ValueError, match=r'Unknown key parallelism_config.fdsp. Valid keys: fsdp, tp, fsdp2'):
         resolve_parallelism({'fdsp': {}}, 'gpu', build_tiny_sd())
+
+
+@pytest.mark.slow
+def test_the_multi_node_sd2_yaml_builds_and_trains_at_test_size(synthetic_dataset, tmp_path):
+    """yamls/sd2_base_fsdp.yaml as written, but with the test-size model, local latents and CPU precision."""
+    from diffusion.config import load_config
+    from diffusion.train import build_trainer
+    from tests.pipeline.test_precompute import precompute
+
+    latents = str(tmp_path / 'latents')
+    precompute(synthetic_dataset, latents)
+    yaml = os.path.join(REPO_ROOT, 'yamls', 'sd2_base_fsdp.yaml')
+    cfg = load_config(
+        yaml,
+        [
+            'model.name=tiny_stable_diffusion',
+            '~model.pretrained_model_name_or_path',
+            '~model.pretrained_components',
+            *TEST_MODEL_OVERRIDES,
+            f'train_dataloader.remote={latents}',
+            '~train_dataloader.local',
+            'train_dataloader.batch_size=4',
+            'train_dataloader.num_workers=0',
+            'device_train_microbatch_size=2',
+            'precision=fp32',  # Composer trains bf16 on GPUs only
+            'max_duration=3ba',
+            'algorithms.ema.ema_start=1ba',
+            'callbacks.log_diffusion_images.interval=2ba',
+            'callbacks.log_diffusion_images.num_inference_steps=2',
+            'save_interval=3ba',
+            f'save_folder={tmp_path}/checkpoints',
+            f'run_folder={tmp_path}/run',
+        ],
+    )
+    with pytest.warns(UserWarning, match='Composer runs FSDP on CUDA GPUs only'):
+        trainer = build_trainer(cfg)
+    names = {type(a).__name__ for a in trainer.state.algorithms}
+    assert {'ShardedEMA', 'LowPrecisionGroupNorm', 'AttentionBackend', 'ChannelsLast'} <= names
+    trainer.fit()
+    assert os.path.exists(tmp_path / 'checkpoints' / 'ep0-ba3-rank0.pt')
+    assert os.path.exists(tmp_path / 'run' / 'pretrained' / 'unet' / 'diffusion_pytorch_model.safetensors')
+    assert os.path.exists(tmp_path / 'run' / 'samples' / 'batch_0000002.png')

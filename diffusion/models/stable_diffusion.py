@@ -25,6 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torchmetrics import MeanSquaredError, Metric
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from diffusion.models.flops import unet_forward_flops
 from diffusion.models.noise import build_inference_scheduler, min_snr_weights, signal_to_noise_ratio, training_target
 
 __all__ = ['StableDiffusion']
@@ -259,6 +260,22 @@ class StableDiffusion(ComposerModel):
             predictions.append(prediction)
             targets.append(target)
         return torch.cat(predictions), torch.cat(targets)
+
+    def flops_per_batch(self, batch: dict[str, Any]) -> int:
+        """UNet training FLOPs for ``batch`` (forward + backward, about 3x the forward), for SpeedMonitor's MFU.
+
+        The encoders are not counted: with precomputed latents they do not run, and MFU is quoted for the UNet.
+        """
+        if 'image_latents_mean' in batch or 'image_latents' in batch:
+            latents = batch.get('image_latents_mean', batch.get('image_latents'))
+            batch_size, latent_shape = latents.shape[0], tuple(latents.shape[1:])
+        else:
+            images = batch['image']
+            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            channels = self.vae.config.latent_channels
+            batch_size, latent_shape = images.shape[0], (channels, images.shape[2] // factor, images.shape[3] // factor)
+        text_shape = (self.tokenizer.model_max_length, self.unet.config.cross_attention_dim)
+        return 3 * batch_size * unet_forward_flops(self.unet.config, latent_shape, text_shape)
 
     def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
         # Training loss is already logged by the trainer; validation loss at fixed timesteps is the metric.
