@@ -126,6 +126,8 @@ callbacks.register_all(
         'lr_monitor': composer_callbacks.LRMonitor,
         'memory_monitor': composer_callbacks.MemoryMonitor,
         'nan_monitor': composer_callbacks.NaNMonitor,
+        # NaNMonitor extended: inf and gradients too, the same decision on every rank, skip or stop.
+        'nan_guard': our_callbacks.NaNGuard,
         'optimizer_monitor': composer_callbacks.OptimizerMonitor,
         'runtime_estimator': composer_callbacks.RuntimeEstimator,
         'log_diffusion_images': our_callbacks.LogDiffusionImages,
