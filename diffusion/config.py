@@ -35,6 +35,9 @@ class TrainConfig:
         scheduler: ``{name: <schedulers registry name>, **kwargs}``, or empty for a constant LR.
         parallelism_config: Composer's parallelism config, e.g. ``{fsdp: {sharding_strategy: FULL_SHARD}}``.
         algorithms, callbacks, loggers: ``{<registry name>: {**kwargs}}``.
+        load_trusted: Allow a ``load_path`` outside ``save_folder``. Checkpoints are pickles, which run code when
+            loaded: set it only for a file you trust (it must still match its SHA-256 manifest, see
+            :mod:`diffusion.checkpointing`).
     """
 
     model: Dict[str, Any] = MISSING
@@ -60,6 +63,7 @@ class TrainConfig:
     save_num_checkpoints_to_keep: int = -1
     save_overwrite: bool = False
     load_path: Optional[str] = None
+    load_trusted: bool = False
     load_weights_only: bool = False
     autoresume: bool = False
     progress_bar: bool = True
@@ -89,7 +93,10 @@ def load_config(path: str, overrides: Optional[List[str]] = None) -> DictConfig:
         try:
             cfg = compose(config_name=os.path.splitext(config_file)[0], overrides=list(overrides or []))
         except HydraException as error:
-            raise ValueError(f'{path}: ' + ' '.join(str(error).split())) from None
+            message = ' '.join(str(error).split())
+            if error.__cause__ is not None:  # e.g. "Value 'abc' of type 'str' could not be converted to Integer"
+                message += f': {str(error.__cause__).splitlines()[0]}'
+            raise ValueError(f'{path}: {message}') from None
     with open_dict(cfg):
         if cfg.get('run_name') is None:
             # A stable default name, so that autoresume finds the run again.
@@ -116,4 +123,8 @@ def validate_config(cfg: Any) -> DictConfig:
     for section in ('model', 'train_dataloader', 'optimizer'):
         if 'name' not in merged[section]:
             raise ValueError(f'Config section {section!r} needs a "name" key naming a registered builder.')
+    if merged.autoresume and merged.save_folder and not merged.save_overwrite:
+        # A run killed after writing a checkpoint but before linking it as the latest leaves a newer file, which
+        # Composer refuses to overwrite: the restart would fail until someone deletes it by hand.
+        raise ValueError('autoresume needs save_overwrite: true, so a restart can replace a checkpoint left unlinked.')
     return merged

@@ -17,6 +17,7 @@ from composer.utils import dist, reproducibility
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion import registry
+from diffusion.checkpointing import CheckpointManifests, guard_checkpoint_loading
 from diffusion.config import validate_config
 from diffusion.parallelism import check_parallelism_config, resolve_parallelism
 
@@ -48,7 +49,13 @@ def build_dataloader(dataloader_cfg: Any, model: Any, where: str):
     extra = {}
     if 'tokenizer' in inspect.signature(registry.dataloaders.get(name)).parameters:
         extra['tokenizer'] = getattr(model, 'tokenizer', None)
-    return registry.dataloaders.build(name, kwargs, where=where, **extra)
+    try:
+        return registry.dataloaders.build(name, kwargs, where=where, **extra)
+    except (FileNotFoundError, ValueError) as error:
+        if where in str(error):
+            raise
+        # Name the config section: 'train_dataloader: No MDS dataset at ...' says which of the two is wrong.
+        raise type(error)(f'{where}: {error}') from error
 
 
 def build_optimizer(optimizer_cfg: Any, model: Any):
@@ -116,6 +123,7 @@ def build_trainer(cfg: Any) -> Trainer:
     """Validate ``cfg`` and build the Trainer (nothing is trained)."""
     cfg = validate_config(cfg)
     check_sections(cfg)
+    guard_checkpoint_loading(cfg)  # before the Trainer, which loads any checkpoint
     device = cfg.device or ('gpu' if torch.cuda.is_available() else 'cpu')
     dist.initialize_dist(DeviceGPU() if device == 'gpu' else DeviceCPU(), cfg.dist_timeout)
     reproducibility.seed_all(cfg.seed)
@@ -144,7 +152,7 @@ def build_trainer(cfg: Any) -> Trainer:
         optimizers=optimizer,
         schedulers=scheduler,
         algorithms=build_plugins('algorithms', cfg.algorithms),
-        callbacks=build_plugins('callbacks', cfg.callbacks),
+        callbacks=[*build_plugins('callbacks', cfg.callbacks), CheckpointManifests()],
         loggers=build_plugins('loggers', cfg.loggers),
         device=device,
         precision=cfg.precision,

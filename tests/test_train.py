@@ -59,9 +59,15 @@ def test_resume_from_checkpoint_continues_at_saved_batch(synthetic_dataset, tmp_
     checkpoint = tmp_path / 'part' / 'checkpoints' / 'ep0-ba3-rank0.pt'
     assert checkpoint.exists()
 
+    # Another run's checkpoint: outside this run's save_folder, so it must be marked trusted (and match its manifest).
     resumed = build_trainer(
         tiny_config(
-            synthetic_dataset, str(tmp_path / 'resumed'), 'max_duration=6ba', f'load_path={checkpoint}', *common
+            synthetic_dataset,
+            str(tmp_path / 'resumed'),
+            'max_duration=6ba',
+            f'load_path={checkpoint}',
+            'load_trusted=true',
+            *common,
         )
     )
     assert int(resumed.state.timestamp.batch) == 3
@@ -94,7 +100,7 @@ def test_autoresume_picks_up_the_latest_checkpoint(synthetic_dataset, tmp_path):
         'save_interval=2ba',
         'autoresume=true',
         'run_name=auto',
-        'save_overwrite=false',
+        'save_overwrite=true',
     )
     build_trainer(tiny_config(synthetic_dataset, str(tmp_path), 'max_duration=2ba', *common)).fit()
     again = build_trainer(tiny_config(synthetic_dataset, str(tmp_path), 'max_duration=4ba', *common))
@@ -154,7 +160,9 @@ def test_two_process_resume_is_bit_exact(synthetic_dataset, tmp_path):
 
     full = run('full', 'max_duration=4ba')
     run('part', 'max_duration=2ba')
-    resumed = run('resumed', 'max_duration=4ba', f'load_path={tmp_path}/part/checkpoints/ep0-ba2-rank0.pt')
+    resumed = run(
+        'resumed', 'max_duration=4ba', f'load_path={tmp_path}/part/checkpoints/ep0-ba2-rank0.pt', 'load_trusted=true'
+    )
     assert full.keys() == resumed.keys()
     for key in full:
         assert torch.equal(full[key], resumed[key]), key

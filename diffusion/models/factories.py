@@ -146,14 +146,19 @@ def build_stable_diffusion(
     root = pretrained_model_name_or_path
     load = set(pretrained_components) if root is not None else set()
 
+    # use_safetensors=True: a pickled .bin, which runs code when loaded, is refused (see diffusion/checkpointing.py).
     unet = (
-        UNet2DConditionModel.from_pretrained(root, subfolder='unet')
+        UNet2DConditionModel.from_pretrained(root, subfolder='unet', use_safetensors=True)
         if 'unet' in load
         else UNet2DConditionModel(**unet_config)
     )
-    vae = AutoencoderKL.from_pretrained(root, subfolder='vae') if 'vae' in load else AutoencoderKL(**vae_config)
+    vae = (
+        AutoencoderKL.from_pretrained(root, subfolder='vae', use_safetensors=True)
+        if 'vae' in load
+        else AutoencoderKL(**vae_config)
+    )
     text_encoder = (
-        build_text_encoder(pretrained=root, subfolder='text_encoder')
+        build_text_encoder(pretrained=root, subfolder='text_encoder', use_safetensors=True)
         if 'text_encoder' in load
         else build_text_encoder(text_encoder_config)
     )

@@ -69,7 +69,7 @@ def test_ema_state_survives_a_resume_bit_exactly(synthetic_dataset, tmp_path):
     part.fit()
     checkpoint = tmp_path / 'part' / 'checkpoints' / 'ep0-ba3-rank0.pt'
     resumed = ema_run(synthetic_dataset, str(tmp_path / 'resumed'), 'max_duration=6ba', f'load_path={checkpoint}',
-                      *common)  # fmt: skip
+                      'load_trusted=true', *common)  # fmt: skip
     resumed.fit()
     full_ema, resumed_ema = find_ema(full.state), find_ema(resumed.state)
     assert resumed_ema.ema_started

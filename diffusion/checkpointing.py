@@ -1,0 +1,286 @@
+"""Refuse to unpickle a checkpoint nobody vouched for: SHA-256 manifests written at save time, checked before load.
+
+Composer 0.32.1 checkpoints are pickles: ``.pt`` files are read with ``torch.load(..., weights_only=False)`` and the
+``.metadata`` of an FSDP sharded checkpoint with plain ``pickle``, so loading one runs any code planted in it.
+``weights_only=True`` would not be enough on this stack either: torch 2.7.0's restricted unpickler is affected by
+CVE-2026-24747 (memory corruption, fixed in torch 2.10.0). Hence three layers, built on Composer's
+``CheckpointSaver`` and its ``CHECKPOINT_VALIDATION_FUNCTION`` hook:
+
+1. Trust (:func:`guard_checkpoint_loading`): a ``load_path`` must lie inside the run's own ``save_folder``, or the
+   config must say ``load_trusted: true``; anything else is a ``ValueError`` before anything is built.
+2. Manifests (:class:`ManifestCheckpointSaver`): ``<file>.sha256``, in ``sha256sum`` format, beside every file a
+   checkpoint consists of (the ``.pt``, or each shard and the ``.metadata``), uploaded with it, and in place before
+   the ``latest`` symlink points at the checkpoint.
+3. Verification (:func:`validate_checkpoint`): Composer calls it on each file right before unpickling it; a file
+   without a manifest, or whose bytes differ from it, is refused.
+
+What the project shares or takes in otherwise (exported models, pretrained components, latents) is safetensors or
+MDS, which hold no code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import posixpath
+import re
+import tempfile
+import warnings
+from typing import Any, Optional, Sequence, Union
+
+from composer import Callback
+from composer.callbacks import CheckpointSaver
+from composer.core import State
+from composer.loggers import Logger
+from composer.utils import checkpoint, dist, maybe_create_object_store_from_uri, parse_uri, partial_format
+
+__all__ = [
+    'MANIFEST_SUFFIX',
+    'CheckpointManifests',
+    'ManifestCheckpointSaver',
+    'UntrustedCheckpointError',
+    'VALIDATION_FUNCTION',
+    'guard_checkpoint_loading',
+    'is_inside',
+    'sha256_file',
+    'validate_checkpoint',
+    'write_manifest',
+]
+
+MANIFEST_SUFFIX = '.sha256'
+# What Composer's CHECKPOINT_VALIDATION_FUNCTION names: a function `module.function` it imports and calls.
+VALIDATION_FUNCTION = 'diffusion.checkpointing.validate_checkpoint'
+# The Trainer's default `save_latest_filename`; build_trainer keeps it.
+LATEST_FILENAME = 'latest-rank0.pt'
+_DIGEST = re.compile(r'\s*([0-9a-fA-F]{64})\s')
+_CHUNK_BYTES = 16 * 1024 * 1024
+
+# Digests from the manifests of a remote checkpoint about to be loaded. Composer validates its downloaded copy, a
+# temporary file with no manifest beside it, so the manifests are fetched beforehand. Reset by each guard call.
+_fetched_manifests: dict[str, str] = {}
+
+
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint file was refused before unpickling: it has no SHA-256 manifest, or differs from it."""
+
+
+def sha256_file(path: Union[str, os.PathLike]) -> str:
+    """The hex SHA-256 of the file at ``path``, read in 16 MiB chunks (about 1.5 GB/s on one core)."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(path: Union[str, os.PathLike]) -> str:
+    """Write ``<path>.sha256`` (``sha256sum`` format, so ``sha256sum -c`` checks it too); return its path."""
+    manifest = f'{path}{MANIFEST_SUFFIX}'
+    partial = f'{manifest}.{os.getpid()}.tmp'
+    with open(partial, 'w') as f:
+        f.write(f'{sha256_file(path)}  {os.path.basename(path)}\n')
+    os.replace(partial, manifest)  # atomic: a crash never leaves a half-written manifest
+    return manifest
+
+
+def _parse_manifest(text: str, where: str) -> str:
+    match = _DIGEST.match(text)
+    if match is None:
+        raise UntrustedCheckpointError(f'{where} is not a SHA-256 manifest (expected "<64 hex digits>  <file name>").')
+    return match.group(1).lower()
+
+
+def validate_checkpoint(path: Union[str, os.PathLike], specs: Optional[Sequence[tuple[int, int]]] = None) -> bool:
+    """Composer's ``CHECKPOINT_VALIDATION_FUNCTION``: check a checkpoint file against its SHA-256 manifest.
+
+    Composer 0.32.1 calls it with the local path of each file right before unpickling it: the monolithic ``.pt``
+    (a symlink to ``load_path`` in a temporary folder, or a downloaded copy), and for a sharded checkpoint the
+    ``.metadata`` and each shard it reads. It reads the file as bytes and never unpickles anything.
+
+    Args:
+        path (str | os.PathLike): The file Composer is about to load.
+        specs (Sequence[tuple[int, int]], optional): The (offset, length) ranges Composer will read from a shard.
+            Ignored: a manifest covers the whole file.
+
+    Returns:
+        bool: ``True``. A refused file raises instead of returning ``False``, so that the error names the file and
+        the reason (Composer's own error for ``False`` names only its temporary path).
+
+    Raises:
+        UntrustedCheckpointError: The file has no manifest, or its bytes differ from the manifest.
+    """
+    del specs
+    real = os.path.realpath(path)  # Composer symlinks a local load_path into a temporary folder
+    digest = sha256_file(real)
+    manifest = f'{real}{MANIFEST_SUFFIX}'
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            expected = _parse_manifest(f.read(), manifest)
+        if digest != expected:
+            raise UntrustedCheckpointError(
+                f'{real} does not match its manifest {manifest} (tampered or truncated); refusing to unpickle it.'
+            )
+        return True
+    if digest in _fetched_manifests:
+        return True
+    if _fetched_manifests:
+        raise UntrustedCheckpointError(
+            f'{real} matches none of the SHA-256 manifests of the checkpoint being loaded '
+            f'({", ".join(sorted(_fetched_manifests.values()))}): tampered, truncated or a stale local copy; '
+            'refusing to unpickle it.'
+        )
+    raise UntrustedCheckpointError(
+        f'{real} has no SHA-256 manifest; refusing to unpickle an untrusted checkpoint (loading a Composer '
+        f'checkpoint runs any code pickled in it). If you trust this file, vouch for it: sha256sum {real} > {manifest}'
+    )
+
+
+def is_inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it: local paths with symlinks resolved, URIs by bucket and key."""
+    path_backend, path_bucket, path_key = parse_uri(path)
+    folder_backend, folder_bucket, folder_key = parse_uri(folder)
+    if (path_backend, path_bucket) != (folder_backend, folder_bucket):
+        return False
+    if path_backend:
+        path_key, folder_key = posixpath.normpath('/' + path_key), posixpath.normpath('/' + folder_key)
+        return posixpath.commonpath([path_key, folder_key]) == folder_key
+    path_key, folder_key = os.path.realpath(path_key), os.path.realpath(folder_key)
+    return os.path.commonpath([path_key, folder_key]) == folder_key
+
+
+def _fetch_remote_manifests(uri: str) -> None:
+    """Remember the digests of the manifests of the remote checkpoint (file, sharded folder or ``.symlink``)."""
+    object_store = maybe_create_object_store_from_uri(uri)
+    backend, bucket, name = parse_uri(uri)
+    name = partial_format(name, rank=0, local_rank=0, node_rank=0)  # Composer loads rank 0's monolithic file
+    with tempfile.TemporaryDirectory() as folder:
+        local = os.path.join(folder, 'object')
+
+        def fetch(object_name: str) -> Optional[str]:
+            try:
+                object_store.download_object(object_name, local, overwrite=True)
+            except FileNotFoundError:
+                return None
+            with open(local) as f:
+                return f.read()
+
+        if name.endswith('.symlink'):  # Composer's remote `latest` pointer: a text file naming the checkpoint
+            target = fetch(name)
+            if target is None:
+                return  # nothing saved yet: autoresume starts from scratch
+            name = target.strip()
+        # A monolithic checkpoint has one manifest beside it; a sharded folder one per file inside it.
+        names = [name + MANIFEST_SUFFIX]
+        names += [n for n in object_store.list_objects(name.rstrip('/') + '/') if n.endswith(MANIFEST_SUFFIX)]
+        for manifest in names:
+            text = fetch(manifest)
+            if text is not None:
+                _fetched_manifests[_parse_manifest(text, manifest)] = f'{backend}://{bucket}/{manifest}'
+
+
+def guard_checkpoint_loading(cfg: Any) -> None:
+    """Refuse an untrusted ``load_path`` and make Composer verify every checkpoint file before unpickling it.
+
+    Call it before the Trainer is built, which is when Composer loads ``load_path`` or the autoresume checkpoint.
+    Sets ``CHECKPOINT_VALIDATION_FUNCTION`` for this process and, when the checkpoint to load is remote, fetches its
+    manifests (Composer validates a downloaded copy that has none beside it).
+
+    Args:
+        cfg (DictConfig): A validated :class:`~diffusion.config.TrainConfig`.
+
+    Raises:
+        ValueError: ``load_path`` lies outside ``save_folder`` and ``load_trusted`` is not set.
+    """
+    save_folder = cfg.save_folder
+    if save_folder and cfg.run_name:
+        save_folder = partial_format(save_folder, run_name=cfg.run_name)  # as Composer formats it
+    if cfg.load_path and not (cfg.load_trusted or (save_folder and is_inside(cfg.load_path, save_folder))):
+        raise ValueError(
+            f"load_path={cfg.load_path!r} is outside this run's save_folder ({save_folder!r}). Composer checkpoints "
+            'are pickles and loading one runs any code inside it: set load_trusted=true only if you trust this file '
+            '(it must still match its SHA-256 manifest).'
+        )
+    current = os.environ.get('CHECKPOINT_VALIDATION_FUNCTION')
+    if current not in (None, VALIDATION_FUNCTION):
+        warnings.warn(f'Replacing CHECKPOINT_VALIDATION_FUNCTION={current} by {VALIDATION_FUNCTION}.', stacklevel=2)
+    os.environ['CHECKPOINT_VALIDATION_FUNCTION'] = VALIDATION_FUNCTION
+    _fetched_manifests.clear()
+    if cfg.load_path and parse_uri(cfg.load_path)[0]:
+        _fetch_remote_manifests(cfg.load_path)
+    if cfg.autoresume and save_folder and parse_uri(save_folder)[0]:
+        _fetch_remote_manifests(f'{save_folder.rstrip("/")}/{LATEST_FILENAME}.symlink')
+
+
+class ManifestCheckpointSaver(CheckpointSaver):
+    """Composer's ``CheckpointSaver`` that writes ``<file>.sha256`` beside every checkpoint file it saves.
+
+    Each manifest is written, and uploaded when the checkpoint is, before the checkpoint file is uploaded; the local
+    ``latest`` symlink moves once every rank has written its manifests, and Composer uploads the remote one once
+    every listed file (manifests included) is in the bucket. So a run killed mid-save resumes from a checkpoint that
+    verifies. Rotation (``save_num_checkpoints_to_keep``) deletes a checkpoint's manifest with it. The class adds no
+    state; :class:`CheckpointManifests` turns the saver the Trainer built into one. Costs one SHA-256 pass over
+    each file saved (about 10 s for a 14 GB SD2 checkpoint with optimizer state and EMA).
+    """
+
+    def _upload_checkpoint(
+        self, remote_file_name: str, local_file_name: str, local_remote_file_names: list[str], logger: Logger
+    ) -> None:
+        # Composer 0.32.1 calls this for every file a rank saved (the .pt, or its shard and the .metadata), also for a
+        # local save_folder, where it hands the file to the loggers' object stores.
+        manifest = write_manifest(local_file_name)
+        super()._upload_checkpoint(remote_file_name + MANIFEST_SUFFIX, manifest, local_remote_file_names, logger)
+        super()._upload_checkpoint(remote_file_name, local_file_name, local_remote_file_names, logger)
+
+    def _save_checkpoint(self, state: State, logger: Logger) -> None:
+        # Composer points `latest` at the new file before uploading it, so before its manifest exists: hold it back.
+        latest_filename, self.latest_filename = self.latest_filename, None
+        try:
+            super()._save_checkpoint(state, logger)
+        finally:
+            self.latest_filename = latest_filename
+        dist.barrier()  # every rank has written the manifests of its files
+        # Composer lets only the rank that saved the monolithic file, or rank 0 of a sharded save, move `latest`.
+        if latest_filename is not None and self.num_checkpoints_to_keep != 0 and dist.get_global_rank() == 0:
+            saved = checkpoint.get_save_filename(state, self.filename.format(state, keep_placeholders=True))
+            target = os.path.dirname(saved) if state.fsdp_sharded_state_dict_enabled else saved
+            symlink = latest_filename.format(state)
+            os.makedirs(os.path.dirname(symlink), exist_ok=True)
+            partial = f'{symlink}.{os.getpid()}.tmp'
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(partial)
+            os.symlink(os.path.relpath(target, os.path.dirname(symlink)), partial)
+            os.replace(partial, symlink)  # atomic, unlike Composer's remove-then-create
+
+    def _rotate_checkpoints(self, sharding_enabled: bool = False) -> None:
+        # Composer removes a sharded checkpoint's folder (manifests included) but only the file of a monolithic one.
+        doomed = self.saved_checkpoints[: max(0, len(self.saved_checkpoints) - self.num_checkpoints_to_keep)]
+        super()._rotate_checkpoints(sharding_enabled)
+        if not sharding_enabled:
+            for path in doomed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path + MANIFEST_SUFFIX)
+
+
+class CheckpointManifests(Callback):
+    """Make the Trainer's checkpoint saver a :class:`ManifestCheckpointSaver`; no effect without ``save_folder``.
+
+    The Trainer builds its ``CheckpointSaver`` from the ``save_*`` arguments and derives the remote paths and
+    autoresume from ``save_folder``. Passing our own saver as a callback instead would make Composer 0.32.1 take the
+    saver's local staging folder for ``save_folder``, which breaks autoresume of sharded checkpoints from a bucket.
+    So at ``INIT``, after the Trainer built its saver and before it loads a checkpoint (whose callback state is keyed
+    by class name), the saver changes class; the subclass only overrides methods.
+    """
+
+    def init(self, state: State, logger: Logger) -> None:
+        del logger  # unused
+        for callback in state.callbacks:
+            if type(callback) is CheckpointSaver:
+                # Manifests are written where Composer hands each file to the uploaders: the Trainer always names it.
+                assert callback.remote_file_name is not None
+                callback.__class__ = ManifestCheckpointSaver
+            elif isinstance(callback, CheckpointSaver) and not isinstance(callback, ManifestCheckpointSaver):
+                warnings.warn(
+                    f'{type(callback).__name__} writes no SHA-256 manifests: its checkpoints will be refused on load.',
+                    stacklevel=2,
+                )
