@@ -32,6 +32,11 @@ def test_wrong_type_is_named():
         validate_config(minimal(seed='abc'))
 
 
+def test_autoresume_without_overwrite_is_refused():
+    with pytest.raises(ValueError, match='autoresume needs save_overwrite: true'):
+        validate_config(minimal(autoresume=True, save_folder='checkpoints', save_overwrite=False))
+
+
 def test_missing_required_key_is_named():
     cfg = minimal()
     del cfg['max_duration']

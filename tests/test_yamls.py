@@ -1,0 +1,77 @@
+"""Every yaml in yamls/ builds a Trainer (nothing is trained), and bad settings fail in one line naming the key."""
+
+import glob
+import os
+
+import pytest
+
+from diffusion.config import load_config
+from diffusion.train import build_trainer
+from tests.conftest import REPO_ROOT, TEST_MODEL_OVERRIDES, TINY_YAML, tiny_config
+
+YAMLS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO_ROOT, 'yamls', '*.yaml')))
+TEST_VAE = ('+model.vae_config={block_out_channels:[8,16],down_block_types:[DownEncoderBlock2D,DownEncoderBlock2D],'
+            'up_block_types:[UpDecoderBlock2D,UpDecoderBlock2D],norm_num_groups:4,sample_size:16}')  # fmt: skip
+# What each yaml needs to build here: test-size models, the test data, no hub downloads, CPU precision.
+SUBSTITUTES = {
+    'demo_autoencoder.yaml': [TEST_VAE],
+    'demo.yaml': [*TEST_MODEL_OVERRIDES, '~model.pretrained_model_name_or_path', '~model.pretrained_components',
+                  'eval_dataloader.remote={data}'],
+    'tiny_sd_cpu.yaml': TEST_MODEL_OVERRIDES,
+    'tiny_sd_latents_cpu.yaml': TEST_MODEL_OVERRIDES,
+    'sd2_base_fsdp.yaml': ['model.name=tiny_stable_diffusion', *TEST_MODEL_OVERRIDES,
+                           '~model.pretrained_model_name_or_path', '~model.pretrained_components',
+                           '~train_dataloader.local', 'train_dataloader.batch_size=4', 'precision=fp32',
+                           'autoresume=false'],
+}  # fmt: skip
+
+
+def test_every_yaml_has_build_substitutes():
+    assert sorted(SUBSTITUTES) == YAMLS, 'add the new yaml to SUBSTITUTES so that it is built in the suite'
+
+
+@pytest.mark.parametrize('name', YAMLS)
+def test_every_yaml_builds_a_trainer(name, synthetic_dataset, tmp_path):
+    import json
+
+    path = os.path.join(REPO_ROOT, 'yamls', name)
+    cfg = load_config(path)
+    data = synthetic_dataset
+    if cfg.train_dataloader.name == 'latents':
+        from tests.pipeline.test_precompute import precompute
+
+        data = str(tmp_path / 'latents')
+        precompute(synthetic_dataset, data)
+    overrides = [o.replace('{data}', data) for o in SUBSTITUTES[name]]
+    overrides += [f'train_dataloader.remote={data}', f'run_folder={tmp_path}/run', 'save_folder=null']
+    if 'resolution' in cfg.train_dataloader:
+        overrides.append('train_dataloader.resolution=16')
+    if cfg.eval_dataloader:
+        overrides.append('eval_dataloader.resolution=16')
+    if cfg.train_dataloader.get('num_workers'):
+        overrides.append('train_dataloader.num_workers=0')
+    trainer = build_trainer(load_config(path, overrides))
+    assert trainer.state.max_duration == load_config(path).max_duration
+    with open(tmp_path / 'run' / 'config.yaml') as f:
+        assert f.read()  # the resolved config is saved with the run
+    json.dumps(sorted(type(a).__name__ for a in trainer.state.algorithms))
+
+
+def test_a_missing_data_path_names_the_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r'^train_dataloader: No MDS dataset at '):
+        build_trainer(tiny_config(str(tmp_path / 'nowhere'), str(tmp_path)))
+
+
+def test_a_batch_size_that_ranks_cannot_share_names_the_key(synthetic_dataset, tmp_path, monkeypatch):
+    from composer.utils import dist
+
+    monkeypatch.setattr(dist, 'get_world_size', lambda: 3)
+    with pytest.raises(ValueError, match=r'^train_dataloader: batch_size 16 is not divisible by the number of ranks'):
+        build_trainer(tiny_config(synthetic_dataset, str(tmp_path)))
+
+
+def test_wrong_types_and_unknown_keys_name_the_key():
+    with pytest.raises(ValueError, match="override seed=abc: Value 'abc' of type 'str' could not be converted to Int"):
+        load_config(TINY_YAML, ['seed=abc'])
+    with pytest.raises(ValueError, match='Could not override'):
+        load_config(TINY_YAML, ['max_duraton=5ba'])
