@@ -92,7 +92,7 @@ def autoencoder_kl(
 ) -> AutoencoderModel:
     """The SD VAE architecture (random weights, fields overridable) or one loaded from ``pretrained``."""
     vae = (
-        AutoencoderKL.from_pretrained(pretrained)
+        AutoencoderKL.from_pretrained(pretrained, use_safetensors=True)  # never a pickled .bin
         if pretrained
         else AutoencoderKL(**merge_config(SD_VAE_CONFIG, vae_config))
     )

@@ -134,7 +134,7 @@ class Blip2Captioner(Captioner):
         try:
             # `dtype=` rather than `.to(dtype)`: under float16 transformers then keeps the Q-Former in float32, as
             # BLIP-2 declares it must (bfloat16 has float32's range, so there it is cast like the rest).
-            model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=self.dtype)
+            model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=self.dtype, use_safetensors=True)
             # The slow image processor is the preprocessing BLIP-2 checkpoints were evaluated with; the fast one
             # resizes slightly differently. Built by hand because `use_fast` would also apply to the tokenizer.
             image_processor = BlipImageProcessor.from_pretrained(path)
