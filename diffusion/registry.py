@@ -30,6 +30,7 @@ from diffusion import algorithms as our_algorithms
 from diffusion import callbacks as our_callbacks
 from diffusion.data.image_caption import build_image_caption_dataloader
 from diffusion.data.latents import build_latent_dataloader
+from diffusion.data.replaced_sample_monitor import ReplacedSampleMonitor
 from diffusion.models import autoencoder, factories
 from diffusion.utils import check_kwargs
 
@@ -128,6 +129,8 @@ callbacks.register_all(
         'nan_monitor': composer_callbacks.NaNMonitor,
         # NaNMonitor extended: inf and gradients too, the same decision on every rank, skip or stop.
         'nan_guard': our_callbacks.NaNGuard,
+        # Counts samples the datasets replaced (undecodable, empty caption, non-finite latents); stops over a cap.
+        'replaced_sample_monitor': ReplacedSampleMonitor,
         'optimizer_monitor': composer_callbacks.OptimizerMonitor,
         'runtime_estimator': composer_callbacks.RuntimeEstimator,
         'log_diffusion_images': our_callbacks.LogDiffusionImages,

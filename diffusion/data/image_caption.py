@@ -1,18 +1,20 @@
 """Image-caption training data read from MDS shards with mosaicml-streaming.
 
 Builds on ``streaming.StreamingDataset`` (sharding across ranks and workers, shuffling, local caching of remote
-shards from s3:// and other object stores, and the mid-epoch state that Composer checkpoints) and torchvision's
-transforms. Shards hold the encoded image file (``image``: PNG/JPEG bytes, decoded here so that a bad image can
-be reported by sample and source), ``caption`` and the provenance columns ``license``, ``attribution``,
-``source_url``, ``width``, ``height``.
+shards from s3:// and other object stores, and the mid-epoch state that Composer checkpoints), through
+:class:`~diffusion.data.faults.FaultTolerantStreamingDataset` (checked shards, unusable samples replaced), the
+pipeline's image decoder and torchvision's transforms. Shards hold the encoded image file (``image``: PNG/JPEG
+bytes, decoded here so that a bad image can be reported by sample and source), ``caption`` and the provenance
+columns ``license``, ``attribution``, ``source_url``, ``width``, ``height``.
 
 A sample becomes ``{'image': (3, R, R) float in [-1, 1], 'captions': str, 'input_ids': (77,) long,
-'sample_index': int}``; the default collate stacks them into the batch dict of shared/ARCHITECTURE.md.
+'sample_index': int, 'replaced': int}``; the default collate stacks them into the batch dict of
+shared/ARCHITECTURE.md. A sample whose image does not decode or whose caption is empty is replaced by the next
+usable one (``replaced = 1``; see :mod:`diffusion.data.faults`).
 """
 
 from __future__ import annotations
 
-import io
 import os
 from typing import Any, Optional
 
@@ -24,6 +26,10 @@ from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 from torchvision import transforms
 from transformers import PreTrainedTokenizerBase
+
+from diffusion.data.faults import FaultTolerantStreamingDataset, UnusableSample
+from diffusion.data.shard_integrity import AUTO
+from diffusion.pipeline import images
 
 __all__ = [
     'StreamingImageCaptionDataset',
@@ -38,12 +44,14 @@ CAPTION_SOURCES = ('synthetic', 'original', 'mix')
 
 
 def decode_image(data: bytes, max_pixels: int = 1 << 26) -> Image.Image:
-    """Decode encoded image bytes to an RGB PIL image, refusing declared sizes above ``max_pixels``."""
-    image = Image.open(io.BytesIO(data))
-    if image.width * image.height > max_pixels:
-        raise ValueError(f'image of {image.width}x{image.height} pixels exceeds max_pixels={max_pixels}')
-    image.load()
-    return image.convert('RGB')
+    """Decode encoded image bytes to an RGB PIL image, or raise ``ImageError`` (a ``ValueError``) saying why not.
+
+    The pipeline's decoder (:func:`diffusion.pipeline.images.decode_image`), so that training accepts what ingest
+    accepted: declared sizes above ``max_pixels`` are refused before any pixel is decoded, 16-bit samples are scaled
+    to 8 bits rather than clipped, CMYK is converted, transparency is composited on white and EXIF orientation
+    applied. ``ImageError.reason`` is one of ``empty_file``, ``truncated``, ``decompression_bomb``, ``undecodable``.
+    """
+    return images.decode_image(data, max_pixels=max_pixels)
 
 
 def image_transform(resolution: int, crop: str = 'center', random_flip: bool = False) -> transforms.Compose:
@@ -73,8 +81,11 @@ def resolve_source(remote: Optional[str], local: Optional[str]) -> tuple[Optiona
     return remote, local
 
 
-class StreamingImageCaptionDataset(StreamingDataset):
+class StreamingImageCaptionDataset(FaultTolerantStreamingDataset):
     """Streaming image-caption dataset with resize, crop, flip and tokenization.
+
+    A sample whose image fails to decode (truncated, not an image, a decompression bomb) or whose caption is empty
+    is replaced by the next usable sample, marked ``replaced = 1`` and named in a warning.
 
     Args:
         tokenizer (PreTrainedTokenizerBase, optional): Tokenizer for ``input_ids``; captions only when ``None``.
@@ -94,8 +105,9 @@ class StreamingImageCaptionDataset(StreamingDataset):
             Default: ``0.5``.
         caption_seed (int): Seed of the per-sample draw of ``'mix'``. Default: ``0``.
         max_image_pixels (int): Largest declared image size accepted, against decompression bombs.
-        **streaming_kwargs: Passed to ``StreamingDataset`` (``remote``, ``local``, ``shuffle``,
-            ``batch_size``, ``shuffle_seed``, ``validate_hash``, ...).
+        **streaming_kwargs: Passed to :class:`~diffusion.data.faults.FaultTolerantStreamingDataset`
+            (``validate_hash``, ``verify_local_shards``, ``max_replacement_tries``) and ``StreamingDataset``
+            (``remote``, ``local``, ``shuffle``, ``batch_size``, ``shuffle_seed``, ``download_retry``, ...).
     """
 
     def __init__(
@@ -130,17 +142,22 @@ class StreamingImageCaptionDataset(StreamingDataset):
         self.max_image_pixels = max_image_pixels
         self.transform = transform
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = super().__getitem__(index)
+    def load_sample(self, index: int) -> dict[str, Any]:
+        """Sample ``index`` decoded, transformed and tokenized; :class:`UnusableSample` when it cannot train."""
+        sample = self.get_item(index)
         for key in (self.image_key, self.caption_key):
             if key not in sample:
                 raise KeyError(f'Sample {index} has no column {key!r}; columns are {sorted(sample)}.')
+        source = sample.get('source_url') or sample.get('key') or None
+        caption = self._pick_caption(sample, index)
+        if not caption.strip():
+            raise UnusableSample('empty_caption', source=source)
         try:
             image = decode_image(sample[self.image_key], self.max_image_pixels)
-        except Exception as error:
-            source = sample.get('source_url', 'unknown source')
-            raise ValueError(f'Cannot decode the image of sample {index} ({source}): {error}') from error
-        caption = self._pick_caption(sample, index)
+        except images.ImageError as error:
+            raise UnusableSample(error.reason, error.detail, source) from error
+        # Transform only a usable sample: the random crop and flip then draw the same numbers with or without
+        # replacements, so the augmentations of the samples after a replaced one stay as they were.
         out = {'image': self.transform(image).clamp_(-1.0, 1.0), 'captions': caption, 'sample_index': index}
         if self.tokenizer is not None:
             out['input_ids'] = self.tokenizer(
@@ -185,6 +202,9 @@ def build_image_caption_dataloader(
     original_caption_key: str = 'original_caption',
     original_caption_prob: float = 0.5,
     caption_seed: int = 0,
+    validate_hash: Optional[str] = AUTO,
+    verify_local_shards: bool = True,
+    max_replacement_tries: int = 100,
     num_workers: int = 0,
     drop_last: bool = True,
     streaming_kwargs: Optional[dict[str, Any]] = None,
@@ -202,9 +222,11 @@ def build_image_caption_dataloader(
             original_caption_prob, caption_seed: See :class:`StreamingImageCaptionDataset`.
         shuffle (bool): Shuffle samples (deterministic for ``shuffle_seed``). Default: ``True``.
         shuffle_seed (int): Seed of the shuffle. Default: ``9176``.
+        validate_hash, verify_local_shards, max_replacement_tries: See
+            :class:`~diffusion.data.faults.FaultTolerantStreamingDataset`.
         num_workers (int): DataLoader worker processes. Default: ``0``.
         drop_last (bool): Drop the last incomplete batch. Default: ``True``.
-        streaming_kwargs (dict, optional): More ``StreamingDataset`` arguments (``validate_hash``, ...).
+        streaming_kwargs (dict, optional): More ``StreamingDataset`` arguments (``download_retry``, ...).
         dataloader_kwargs (dict, optional): More ``DataLoader`` arguments (``prefetch_factor``, ...).
     """
     device_batch_size = per_rank_batch_size(batch_size)
@@ -224,6 +246,9 @@ def build_image_caption_dataloader(
         caption_seed=caption_seed,
         shuffle=shuffle,
         shuffle_seed=shuffle_seed,
+        validate_hash=validate_hash,
+        verify_local_shards=verify_local_shards,
+        max_replacement_tries=max_replacement_tries,
         batch_size=device_batch_size,
         **(streaming_kwargs or {}),
     )

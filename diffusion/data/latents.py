@@ -5,6 +5,8 @@ Reads the shards that ``python -m diffusion.pipeline precompute`` writes (built 
 ``image_latents_std`` (or a sample, ``image_latents``), unscaled, and the text encoder's ``text_embeds`` (plus
 ``pooled_text_embeds`` when the model has one), stored in fp16, bf16 or fp32 and returned as fp32 tensors. The model
 samples the posterior and applies the VAE scaling factor, so neither happens here. Provenance columns ride along.
+Through :class:`~diffusion.data.faults.FaultTolerantStreamingDataset`, shards are checked and a sample holding
+NaN or inf is replaced by the next usable one (``replaced = 1``).
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 
+from diffusion.data.faults import FaultTolerantStreamingDataset, UnusableSample
 from diffusion.data.image_caption import per_rank_batch_size, resolve_source, streaming_dataloader
+from diffusion.data.shard_integrity import AUTO
 
 __all__ = ['LATENT_COLUMNS', 'StreamingLatentDataset', 'build_latent_dataloader', 'from_stored', 'to_stored']
 
@@ -39,15 +42,18 @@ def from_stored(array: np.ndarray, dtype: str) -> torch.Tensor:
     return (tensor.view(torch.bfloat16) if dtype == 'bfloat16' else tensor).float()
 
 
-class StreamingLatentDataset(StreamingDataset):
-    """Precomputed latents and text embeddings as fp32 tensors, with ``captions`` and ``sample_index``.
+class StreamingLatentDataset(FaultTolerantStreamingDataset):
+    """Precomputed latents and text embeddings as fp32 tensors, with ``captions``, ``sample_index`` and ``replaced``.
 
     Args:
-        **streaming_kwargs: Passed to ``StreamingDataset`` (``remote``, ``local``, ``shuffle``, ``batch_size``, ...).
+        **streaming_kwargs: Passed to :class:`~diffusion.data.faults.FaultTolerantStreamingDataset`
+            (``validate_hash``, ``verify_local_shards``, ``max_replacement_tries``) and ``StreamingDataset``
+            (``remote``, ``local``, ``shuffle``, ``batch_size``, ...).
     """
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = super().__getitem__(index)
+    def load_sample(self, index: int) -> dict[str, Any]:
+        """Sample ``index`` as fp32 tensors; :class:`UnusableSample` when a tensor holds NaN or inf."""
+        sample = self.get_item(index)
         if 'text_embeds' not in sample or not ({'image_latents', 'image_latents_mean'} & set(sample)):
             raise KeyError(
                 f'Sample {index} is not a precomputed-latent sample (columns {sorted(sample)}); '
@@ -55,6 +61,10 @@ class StreamingLatentDataset(StreamingDataset):
             )
         dtype = sample.get('latents_dtype', 'float32')
         out: dict[str, Any] = {k: from_stored(sample[k], dtype) for k in LATENT_COLUMNS if k in sample}
+        non_finite = [key for key, tensor in out.items() if not torch.isfinite(tensor).all()]
+        if non_finite:
+            source = sample.get('source_url') or sample.get('key') or None
+            raise UnusableSample('non_finite', f'{", ".join(non_finite)} hold NaN or inf', source)
         out['captions'] = sample.get('caption', '')
         out['sample_index'] = index
         return out
@@ -67,6 +77,9 @@ def build_latent_dataloader(
     batch_size: int,
     shuffle: bool = True,
     shuffle_seed: int = 9176,
+    validate_hash: Optional[str] = AUTO,
+    verify_local_shards: bool = True,
+    max_replacement_tries: int = 100,
     num_workers: int = 0,
     drop_last: bool = True,
     streaming_kwargs: Optional[dict[str, Any]] = None,
@@ -80,9 +93,11 @@ def build_latent_dataloader(
         batch_size (int): Global batch size, divided evenly across ranks.
         shuffle (bool): Shuffle samples (deterministic for ``shuffle_seed``). Default: ``True``.
         shuffle_seed (int): Seed of the shuffle. Default: ``9176``.
+        validate_hash, verify_local_shards, max_replacement_tries: See
+            :class:`~diffusion.data.faults.FaultTolerantStreamingDataset`.
         num_workers (int): DataLoader worker processes. Default: ``0``.
         drop_last (bool): Drop the last incomplete batch. Default: ``True``.
-        streaming_kwargs (dict, optional): More ``StreamingDataset`` arguments (``validate_hash``, ...).
+        streaming_kwargs (dict, optional): More ``StreamingDataset`` arguments (``download_retry``, ...).
         dataloader_kwargs (dict, optional): More ``DataLoader`` arguments (``prefetch_factor``, ...).
     """
     device_batch_size = per_rank_batch_size(batch_size)
@@ -92,6 +107,9 @@ def build_latent_dataloader(
         local=local,
         shuffle=shuffle,
         shuffle_seed=shuffle_seed,
+        validate_hash=validate_hash,
+        verify_local_shards=verify_local_shards,
+        max_replacement_tries=max_replacement_tries,
         batch_size=device_batch_size,
         **(streaming_kwargs or {}),
     )

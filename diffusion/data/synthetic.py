@@ -11,7 +11,8 @@ follows its prompts.
 
 Rendering builds on PIL ``ImageDraw`` (4x supersampled object masks, box-filtered down for
 anti-aliasing) and NumPy; shards are written with ``streaming.MDSWriter`` from mosaicml-streaming,
-so the output can be a local folder or a remote URL such as ``s3://bucket/prefix``.
+so the output can be a local folder or a remote URL such as ``s3://bucket/prefix``, with the shard hashes that
+the training datasets check.
 
 Example:
     python -m diffusion.data.synthetic --out data/demo/train --num-samples 4000 --seed 0
@@ -31,6 +32,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from streaming import MDSWriter
 from tqdm import tqdm
+
+from diffusion.data.shard_integrity import SHARD_HASHES
 
 __all__ = [
     'ATTRIBUTION_NAMES',
@@ -466,7 +469,12 @@ def write_synthetic_dataset(
 
     writer_kwargs: dict[str, Any] = {'exist_ok': True} if overwrite and not remote else {}
     with MDSWriter(
-        out=out, columns=MDS_COLUMNS, compression=compression, size_limit=size_limit, **writer_kwargs
+        out=out,
+        columns=MDS_COLUMNS,
+        compression=compression,
+        hashes=list(SHARD_HASHES),  # so that readers can tell a corrupted shard from a good one
+        size_limit=size_limit,
+        **writer_kwargs,
     ) as writer:
         for index in tqdm(range(num_samples), desc='synthetic samples', unit='img', disable=not progress):
             image, record = render_sample(index, seed, image_size)

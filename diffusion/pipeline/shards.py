@@ -270,6 +270,7 @@ class OutputDataset:
             out=out,
             columns=columns,
             compression=compression,
+            hashes=['sha1', 'xxh64'],  # diffusion.data.shard_integrity.SHARD_HASHES: training checks them
             size_limit=size_limit,
             exist_ok=True,
             progress_bar=False,

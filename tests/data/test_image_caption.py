@@ -107,7 +107,7 @@ def test_decode_refuses_huge_declared_size():
 
     buffer = io.BytesIO()
     Image.new('RGB', (64, 64)).save(buffer, format='PNG')
-    with pytest.raises(ValueError, match='exceeds max_pixels'):
+    with pytest.raises(ValueError, match='decompression_bomb: 64x64 exceeds 1000 pixels'):
         decode_image(buffer.getvalue(), max_pixels=1000)
 
 

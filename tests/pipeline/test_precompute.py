@@ -76,7 +76,7 @@ def test_a_stored_sample_is_reproducible_and_carries_provenance(synthetic_datase
     precompute(synthetic_dataset, first, '--store', 'sample', '--seed', '3')
     precompute(synthetic_dataset, second, '--store', 'sample', '--seed', '3')
     a, b = StreamingLatentDataset(local=first), StreamingLatentDataset(local=second)
-    assert set(a[0]) == {'image_latents', 'text_embeds', 'captions', 'sample_index'}
+    assert set(a[0]) == {'image_latents', 'text_embeds', 'captions', 'sample_index', 'replaced'}
     assert torch.equal(a[5]['image_latents'], b[5]['image_latents'])
     with open(os.path.join(first, 'index.json')) as f:
         shard = json.load(f)['shards'][0]

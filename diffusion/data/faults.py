@@ -1,0 +1,215 @@
+"""Data faults while training: checked shards, clear shard errors, and unusable samples replaced, not fatal.
+
+Builds on ``streaming.StreamingDataset`` (mosaicml-streaming 0.13), changing three of its behaviours:
+
+* Shards are checked. ``validate_hash`` is on by default, and the shard files already on local disk, which streaming
+  never checks, are verified at start-up (:mod:`diffusion.data.shard_integrity`).
+* A shard that cannot be fetched fails with its name. Streaming downloads in a background thread whose exception
+  only sets a flag: the epoch then ends early *without an error* (none of its samples at all when the first shard
+  is missing), and the next epoch raises "Background thread failed. Check other traceback." Here the iterator raises
+  :class:`ShardDownloadError` naming the shard, the remote and the attempts made.
+* A sample that cannot train (an image that does not decode, an empty caption, ...) is replaced by the next usable
+  one (index + 1, wrapping; streaming itself has no skip). The choice depends on the data alone, so it is the same
+  on every rank, worker, run and resumption, and batches keep their size. Each replacement is logged with the
+  sample's index, shard and source, and the sample dict says ``replaced = 1``, so that
+  :class:`~diffusion.data.replaced_sample_monitor.ReplacedSampleMonitor` counts replacements from the batches:
+  DataLoader workers are separate processes, so a counter kept in the dataset would never reach the trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from composer.utils import dist
+from streaming import StreamingDataset
+from streaming.base.dataset import _ShardState
+from streaming.base.format.base.reader import Reader
+
+from diffusion.data.shard_integrity import AUTO, ShardIntegrityError, choose_validate_hash, verify_local_shards
+
+__all__ = ['FaultTolerantStreamingDataset', 'ShardDownloadError', 'UnusableSample']
+
+log = logging.getLogger(__name__)
+
+
+class UnusableSample(ValueError):
+    """A sample that cannot train, with a one-word ``reason`` (``truncated``, ``empty_caption``, ...).
+
+    Args:
+        reason (str): Why, in one word.
+        detail (str): More about it, e.g. the decoder's message. Default: ``''``.
+        source (str, optional): Where the sample came from (its ``source_url`` or ``key``). Default: ``None``.
+    """
+
+    def __init__(self, reason: str, detail: str = '', source: Optional[str] = None):
+        self.reason = reason
+        self.detail = detail
+        self.source = source
+        super().__init__(f'{reason}: {detail}' if detail else reason)
+
+    def __reduce__(self) -> tuple:
+        # Rebuild from the constructor's arguments so the error survives pickling between worker processes.
+        return type(self), (self.reason, self.detail, self.source)
+
+
+class ShardDownloadError(RuntimeError):
+    """A shard that could not be downloaded or decompressed, after streaming's retries."""
+
+
+class FaultTolerantStreamingDataset(StreamingDataset):
+    """``StreamingDataset`` with checked shards, clear shard errors and replacement of unusable samples.
+
+    Subclasses implement :meth:`load_sample`, raising :class:`UnusableSample` for a sample that cannot train.
+
+    Args:
+        validate_hash (str, optional): Hash checked when a shard is downloaded or decompressed and, with
+            ``verify_local_shards``, at start-up: ``'auto'`` (the fastest one the index records, ``xxh64`` for the
+            shards this project writes; nothing, with a warning, for shards written without hashes), an algorithm
+            the index records (``'sha1'``, ``'xxh64'``), or ``None`` to check no hash. Default: ``'auto'``.
+        verify_local_shards (bool): At start-up, check the size and hash of every shard file already on local disk
+            (a local dataset read in place, or the cache of a remote one), and that a local dataset has all its
+            shards. Costs one read of those files, split over the ranks of a node. Default: ``True``.
+        max_replacement_tries (int): How many following samples may be tried in place of an unusable one before
+            giving up with an error. Default: ``100``.
+        **streaming_kwargs: Passed to ``StreamingDataset`` (``remote``, ``local``, ``download_retry``,
+            ``download_timeout``, ...).
+    """
+
+    def __init__(
+        self,
+        *,
+        validate_hash: Optional[str] = AUTO,
+        verify_local_shards: bool = True,
+        max_replacement_tries: int = 100,
+        **streaming_kwargs: Any,
+    ):
+        if max_replacement_tries < 0:
+            raise ValueError(f'max_replacement_tries must be >= 0, got {max_replacement_tries}.')
+        super().__init__(validate_hash=None, **streaming_kwargs)
+        self.max_replacement_tries = max_replacement_tries
+        self._shard_error: Optional[Exception] = None
+        for stream_id, stream in enumerate(self.streams):
+            # A Stream given its own validate_hash keeps it; the others get this dataset's.
+            requested = stream.validate_hash or validate_hash
+            stream.validate_hash = choose_validate_hash(requested, self._stream_shards(stream_id), _where(stream))
+        if verify_local_shards:
+            self._verify_local_shards()
+
+    def load_sample(self, index: int) -> dict[str, Any]:
+        """The training sample ``index``; raises :class:`UnusableSample` when it cannot train."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Sample ``index``, or the next usable one (wrapping) with ``replaced = 1`` when it is unusable.
+
+        Raises:
+            ValueError: If ``max_replacement_tries`` samples after an unusable one are unusable too.
+        """
+        tries = min(self.max_replacement_tries, self.num_samples - 1) + 1
+        unusable: list[tuple[int, UnusableSample]] = []
+        for offset in range(tries):
+            candidate = (index + offset) % self.num_samples
+            try:
+                sample = self.load_sample(candidate)
+            except UnusableSample as error:
+                unusable.append((candidate, error))
+                continue
+            for bad, error in unusable:
+                log.warning('Replacing %s by sample %d: %s', self.describe(bad, error.source), candidate, error)
+            sample['replaced'] = int(offset > 0)
+            return sample
+        first = unusable[0][1]
+        raise ValueError(
+            f'Cannot replace {self.describe(index, first.source)}: it and the {tries - 1} samples tried after it are '
+            f'unusable. The first failure: {first}'
+        ) from first
+
+    def describe(self, index: int, source: Optional[str] = None) -> str:
+        """``'sample 7 (https://...) in shard.00000.mds'``: a sample as log messages name it."""
+        shard_id, _ = self.spanner[index]
+        basename = self.shards[shard_id].file_pairs[0][0].basename
+        return f'sample {index} ({source}) in {basename}' if source else f'sample {index} in {basename}'
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        """Streaming's ``prepare_shard``, failing with an error that names the shard (kept for ``__iter__``)."""
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except Exception as error:
+            failure = self._shard_failure(shard_id, error)
+            # Streaming leaves the shard PREPARING in shared memory, where other workers would wait for it forever.
+            # Back at REMOTE, each of them tries it and fails with this same error.
+            with self._cache_filelock:
+                self._shard_states[shard_id] = _ShardState.REMOTE
+            self._shard_error = failure
+            raise failure from error
+
+    def __iter__(self):
+        try:
+            yield from super().__iter__()
+        except RuntimeError as error:
+            if self._shard_error is None or error is self._shard_error:
+                raise
+            # "Background thread failed", the symptom of a shard error in an earlier epoch, says less than that error.
+            raise self._shard_error from error
+        if self._shard_error is not None:
+            # The background download thread failed, and streaming ended the epoch early without an error.
+            raise self._shard_error
+
+    def _stream_shards(self, stream_id: int) -> Sequence[Reader]:
+        begin = int(self.shard_offset_per_stream[stream_id])
+        return self.shards[begin : begin + int(self.shards_per_stream[stream_id])]
+
+    def _verify_local_shards(self) -> None:
+        start = time.perf_counter()
+        checked = 0
+        for stream_id, stream in enumerate(self.streams):
+            checked += verify_local_shards(
+                self._stream_shards(stream_id),
+                _local_dir(stream),
+                stream.validate_hash,
+                in_place=_in_place(stream),
+                rank=dist.get_local_rank(),
+                num_ranks=dist.get_local_world_size(),
+            )
+        if checked:
+            seconds = time.perf_counter() - start
+            log.info('Checked %.3f GB of local shards in %.1f s.', checked / 1e9, seconds)
+
+    def _shard_failure(self, shard_id: int, error: Exception) -> Exception:
+        stream = self.streams[int(self.stream_per_shard[shard_id])]
+        raw_info, zip_info = self.shards[shard_id].file_pairs[0]
+        basename = (zip_info or raw_info).basename
+        if str(error).startswith('Checksum failure'):
+            if not _in_place(stream):
+                # Drop the bad copy, so that the next attempt or run downloads the shard again.
+                for info in (raw_info, zip_info):
+                    if info and os.path.isfile(os.path.join(_local_dir(stream), info.basename)):
+                        os.remove(os.path.join(_local_dir(stream), info.basename))
+            return ShardIntegrityError(
+                f'{basename} from {_where(stream)} fails its {stream.validate_hash} check: it differs from what '
+                f'index.json records ({error}).'
+            )
+        if _in_place(stream):
+            return ShardDownloadError(f'{basename} of the local dataset {_local_dir(stream)} cannot be read: {error}')
+        return ShardDownloadError(
+            f'Cannot download {basename} from {_where(stream)} after {stream.download_retry} attempt(s) '
+            f'(download_timeout={stream.download_timeout}s): {error}. index.json lists this shard: check that the '
+            'file exists at the remote and can be read with these credentials.'
+        )
+
+
+def _local_dir(stream: Any) -> str:
+    return os.path.join(stream.local, stream.split) if stream.split else stream.local
+
+
+def _in_place(stream: Any) -> bool:
+    """Whether the stream reads its dataset where it lies, so that its local files are the only copy."""
+    return stream.remote in (None, stream.local)
+
+
+def _where(stream: Any) -> str:
+    return stream.remote or _local_dir(stream)

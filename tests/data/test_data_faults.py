@@ -1,0 +1,342 @@
+"""Data faults: altered or missing shards fail naming the shard; unusable samples are replaced and counted."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import struct
+import zlib
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from composer.devices import DeviceCPU
+from PIL import Image
+from streaming import MDSWriter
+
+from diffusion.data.faults import ShardDownloadError
+from diffusion.data.image_caption import StreamingImageCaptionDataset, build_image_caption_dataloader
+from diffusion.data.latents import StreamingLatentDataset
+from diffusion.data.replaced_sample_monitor import ReplacedSampleMonitor
+from diffusion.data.shard_integrity import SHARD_HASHES, ShardIntegrityError
+from diffusion.data.synthetic import write_synthetic_dataset
+from diffusion.pipeline.shards import OutputDataset
+from tests.conftest import tiny_config
+
+
+def encode(image: Image.Image, fmt: str = 'PNG') -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+
+
+def bomb_png() -> bytes:
+    """A valid 16x16 PNG whose IHDR (CRC fixed up) declares 100000 x 100000 pixels."""
+    data = bytearray(encode(Image.new('RGB', (16, 16), (10, 20, 30))))
+    ihdr = struct.pack('>II', 100_000, 100_000) + bytes(data[24:29])
+    data[8:33] = png_chunk(b'IHDR', ihdr)
+    return bytes(data)
+
+
+def png_16bit_gray(value: int, size: int = 16) -> bytes:
+    return encode(Image.fromarray(np.full((size, size), value, dtype=np.uint16)))
+
+
+def png_16bit_rgb(rgb: tuple[int, int, int], size: int = 16) -> bytes:
+    pixels = np.tile(np.array(rgb, dtype='>u2'), (size, size, 1))
+    rows = b''.join(b'\x00' + row.tobytes() for row in pixels)
+    header = struct.pack('>IIBBBBB', size, size, 16, 2, 0, 0, 0)  # bit depth 16, colour type 2 (RGB)
+    return (
+        b'\x89PNG\r\n\x1a\n'
+        + png_chunk(b'IHDR', header)
+        + png_chunk(b'IDAT', zlib.compress(rows))
+        + png_chunk(b'IEND', b'')
+    )
+
+
+def solid(rgb: tuple[int, int, int], fmt: str = 'PNG') -> bytes:
+    return encode(Image.new('RGB', (16, 16), rgb), fmt)
+
+
+GOOD = solid((200, 30, 30))
+# index -> (image bytes, caption, what __getitem__ returns: its sample index, or None when the sample itself)
+BAD_SAMPLES = {
+    1: (solid((30, 30, 200), 'JPEG')[:200], 'a truncated jpeg', 2),
+    3: (os.urandom(300), 'random bytes', 5),
+    4: (bomb_png(), 'a decompression bomb', 5),
+    6: (encode(Image.new('RGB', (16, 16), (40, 185, 60)).convert('CMYK'), 'JPEG'), 'a cmyk jpeg', None),
+    7: (png_16bit_gray(32896), 'a 16-bit gray png', None),
+    8: (GOOD, '   ', 9),
+    10: (png_16bit_rgb((50000, 1000, 30000)), 'a 16-bit rgb png', None),
+    11: (b'', 'no bytes at all', 0),
+}
+REASONS = {1: 'truncated', 3: 'undecodable', 4: 'decompression_bomb', 8: 'empty_caption', 11: 'empty_file'}
+
+
+def write_samples(out: str, samples: list[tuple[bytes, str]], **writer_kwargs) -> str:
+    columns = {'image': 'bytes', 'caption': 'str', 'source_url': 'str'}
+    with MDSWriter(out=out, columns=columns, hashes=list(SHARD_HASHES), **writer_kwargs) as writer:
+        for index, (image, caption) in enumerate(samples):
+            writer.write({'image': image, 'caption': caption, 'source_url': f'https://data.invalid/{index}'})
+    return out
+
+
+@pytest.fixture(scope='module')
+def faulty_dataset(tmp_path_factory) -> str:
+    """12 samples, those of BAD_SAMPLES unusable or unusual, the others a red square captioned ``good <i>``."""
+    samples = [BAD_SAMPLES[i][:2] if i in BAD_SAMPLES else (GOOD, f'good {i}') for i in range(12)]
+    return write_samples(str(tmp_path_factory.mktemp('faulty') / 'data'), samples)
+
+
+def shards_of(out: str) -> list[str]:
+    with open(os.path.join(out, 'index.json')) as f:
+        return [shard['raw_data']['basename'] for shard in json.load(f)['shards']]
+
+
+def flip_byte(path: str, offset: int) -> None:
+    with open(path, 'r+b') as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def small_synthetic(out: str, **kwargs) -> str:
+    """24 samples in 3 shards (about 6 kB each)."""
+    return write_synthetic_dataset(out, num_samples=24, image_size=16, size_limit=6_000, progress=False, **kwargs)
+
+
+# Shard hashes.
+
+
+def test_every_writer_records_the_shard_hashes(tmp_path):
+    out = small_synthetic(str(tmp_path / 'synthetic'))
+    with open(os.path.join(out, 'index.json')) as f:
+        shards = json.load(f)['shards']
+    assert len(shards) == 3
+    assert all(sorted(shard['raw_data']['hashes']) == list(SHARD_HASHES) for shard in shards)
+
+    with OutputDataset(str(tmp_path / 'stage'), str(tmp_path / 'scratch')).writer(
+        0, {'caption': 'str'}, compression=None, size_limit='1mb'
+    ) as writer:
+        writer.write({'caption': 'x'})
+    with open(tmp_path / 'stage' / 'unit-000000' / 'index.json') as f:
+        assert sorted(json.load(f)['shards'][0]['raw_data']['hashes']) == list(SHARD_HASHES)
+
+
+def test_validate_hash_defaults_to_the_fastest_recorded_one(tmp_path, caplog):
+    out = small_synthetic(str(tmp_path / 'data'))
+    assert StreamingImageCaptionDataset(local=out).streams[0].validate_hash == 'xxh64'
+    assert StreamingImageCaptionDataset(local=out, validate_hash='sha1').streams[0].validate_hash == 'sha1'
+    assert StreamingImageCaptionDataset(local=out, validate_hash=None).streams[0].validate_hash is None
+    with pytest.raises(ValueError, match="validate_hash='md5', but the shards of .* record sha1, xxh64"):
+        StreamingImageCaptionDataset(local=out, validate_hash='md5')
+
+    unhashed = str(tmp_path / 'unhashed')
+    with MDSWriter(out=unhashed, columns={'image': 'bytes', 'caption': 'str'}) as writer:
+        writer.write({'image': GOOD, 'caption': 'x'})
+    with caplog.at_level(logging.WARNING):
+        assert StreamingImageCaptionDataset(local=unhashed).streams[0].validate_hash is None
+    assert 'written without hashes' in caplog.text
+
+
+def test_an_altered_or_truncated_local_shard_fails_naming_it(tmp_path):
+    out = small_synthetic(str(tmp_path / 'data'))
+    StreamingImageCaptionDataset(local=out, resolution=16)  # clean shards pass
+    shard = os.path.join(out, 'shard.00001.mds')
+    flip_byte(shard, os.path.getsize(shard) // 2)
+    for validate_hash in ('xxh64', 'sha1'):
+        with pytest.raises(ShardIntegrityError, match=f'shard.00001.mds in {out} fails its {validate_hash} check'):
+            StreamingImageCaptionDataset(local=out, validate_hash=validate_hash)
+    StreamingImageCaptionDataset(local=out, verify_local_shards=False)  # the check can be turned off
+
+    with open(shard, 'r+b') as f:
+        f.truncate(100)
+    with pytest.raises(ShardIntegrityError, match='shard.00001.mds in .* is 100 bytes but index.json says'):
+        StreamingImageCaptionDataset(local=out, validate_hash=None)  # the size is checked even without a hash
+    os.remove(shard)
+    with pytest.raises(ShardIntegrityError, match='shard.00001.mds, listed in .*index.json, is missing'):
+        StreamingImageCaptionDataset(local=out)
+
+
+def test_a_decompressed_copy_that_differs_is_named_with_its_source(tmp_path):
+    out = small_synthetic(str(tmp_path / 'data'), compression='zstd')
+    dataset = StreamingImageCaptionDataset(local=out, resolution=16)
+    captions = [dataset[index]['captions'] for index in range(24)]  # decompresses every shard next to its .zstd
+    del dataset
+    flip_byte(os.path.join(out, 'shard.00000.mds'), 100)
+    with pytest.raises(ShardIntegrityError, match='shard.00000.mds in .* decompressed again from shard.00000.mds.zstd'):
+        StreamingImageCaptionDataset(local=out)
+    os.remove(os.path.join(out, 'shard.00000.mds'))
+    assert StreamingImageCaptionDataset(local=out, resolution=16)[3]['captions'] == captions[3]
+
+
+@pytest.mark.remote
+def test_an_altered_cached_or_remote_shard_fails_naming_it(s3_server, tmp_path):
+    import boto3
+
+    remote, cache = 's3://test-bucket/faults/train', str(tmp_path / 'cache')
+    small_synthetic(remote)
+    loader = build_image_caption_dataloader(remote, local=cache, batch_size=4, resolution=16, shuffle=False)
+    assert sum(len(batch['captions']) for batch in loader) == 24  # downloads and checks every shard
+    del loader
+
+    # A shard that changes in the cache is never downloaded or checked again by streaming: the start-up check is.
+    cached = os.path.join(cache, 'shard.00002.mds')
+    flip_byte(cached, 50)
+    with pytest.raises(ShardIntegrityError, match=f'shard.00002.mds in {cache} fails its xxh64 check.*delete it'):
+        StreamingImageCaptionDataset(remote=remote, local=cache)
+
+    # A remote copy that differs from its index fails at download, naming it, and its bad copy leaves the cache.
+    os.remove(cached)
+    s3 = boto3.client('s3', endpoint_url=s3_server)
+    body = s3.get_object(Bucket='test-bucket', Key='faults/train/shard.00002.mds')['Body'].read()
+    altered = body[:50] + bytes([body[50] ^ 0xFF]) + body[51:]
+    s3.put_object(Bucket='test-bucket', Key='faults/train/shard.00002.mds', Body=altered)
+    dataset = StreamingImageCaptionDataset(remote=remote, local=cache, resolution=16, batch_size=4)
+    with pytest.raises(ShardIntegrityError, match=f'shard.00002.mds from {remote} fails its xxh64 check'):
+        list(dataset)
+    assert not os.path.exists(cached)
+
+
+@pytest.mark.remote
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_a_missing_remote_shard_fails_naming_it_after_the_retries(s3_server, tmp_path, num_workers):
+    import boto3
+
+    remote = 's3://test-bucket/missing/train'
+    small_synthetic(remote)
+    boto3.client('s3', endpoint_url=s3_server).delete_object(Bucket='test-bucket', Key='missing/train/shard.00001.mds')
+    loader = build_image_caption_dataloader(
+        remote,
+        local=str(tmp_path / 'cache'),
+        batch_size=4,
+        resolution=16,
+        shuffle=False,
+        num_workers=num_workers,
+        streaming_kwargs={'download_retry': 1, 'download_timeout': 5},
+    )
+    # Streaming alone ends the epoch early without an error (no samples at all here) and only the next epoch fails.
+    message = f'Cannot download shard.00001.mds from {remote} after 1 attempt\\(s\\) \\(download_timeout=5s\\)'
+    with pytest.raises(ShardDownloadError if num_workers == 0 else RuntimeError, match=message):
+        list(loader)
+
+
+# Unusable samples.
+
+
+def test_unusable_samples_are_replaced_by_the_next_usable_one(faulty_dataset, caplog):
+    with caplog.at_level(logging.WARNING, logger='diffusion.data.faults'):
+        dataset = StreamingImageCaptionDataset(local=faulty_dataset, resolution=16, crop='center')
+        samples = [dataset[index] for index in range(12)]
+    for index, sample in enumerate(samples):
+        substitute = BAD_SAMPLES[index][2] if index in BAD_SAMPLES else None
+        assert sample['sample_index'] == (index if substitute is None else substitute)
+        assert sample['replaced'] == int(substitute is not None)
+        if substitute is not None:
+            assert sample['captions'] == f'good {substitute}'
+            assert torch.equal(sample['image'], samples[substitute]['image'])
+    for index, reason in REASONS.items():
+        named = f'Replacing sample {index} (https://data.invalid/{index}) in shard.00000.mds'
+        assert f'{named} by sample {BAD_SAMPLES[index][2]}: {reason}' in caplog.text
+
+    # The same data, replacements included, from another instance.
+    again = StreamingImageCaptionDataset(local=faulty_dataset, resolution=16, crop='center')
+    for index in range(12):
+        assert torch.equal(again[index]['image'], samples[index]['image'])
+        assert again[index]['captions'] == samples[index]['captions']
+
+
+def test_cmyk_and_16_bit_images_decode_to_their_colours(faulty_dataset):
+    dataset = StreamingImageCaptionDataset(local=faulty_dataset, resolution=16, crop='center')
+    rgb = [((dataset[index]['image'] + 1) * 127.5).mean(dim=(1, 2)) for index in (6, 7, 10)]
+    assert torch.allclose(rgb[0], torch.tensor([40.0, 185.0, 60.0]), atol=6)  # CMYK JPEG
+    assert torch.allclose(rgb[1], torch.tensor([128.0, 128.0, 128.0]), atol=1)  # 16-bit 32896 is mid gray, not white
+    assert torch.allclose(rgb[2], torch.tensor([50000, 1000, 30000]) / 257, atol=1)  # 16-bit RGB
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_batches_keep_their_size_and_flag_the_replaced_samples(faulty_dataset, num_workers):
+    loader = build_image_caption_dataloader(
+        faulty_dataset, batch_size=6, resolution=16, crop='center', shuffle=False, num_workers=num_workers
+    )
+    batches = list(loader)
+    assert [len(batch['captions']) for batch in batches] == [6, 6]
+    flags = torch.cat([batch['replaced'] for batch in batches]).tolist()
+    assert flags == [int(i in BAD_SAMPLES and BAD_SAMPLES[i][2] is not None) for i in range(12)]
+    indices = torch.cat([batch['sample_index'] for batch in batches]).tolist()
+    assert indices == [2 if i == 1 else 5 if i in (3, 4) else 9 if i == 8 else 0 if i == 11 else i for i in range(12)]
+
+
+def test_too_many_unusable_samples_in_a_row_raise(faulty_dataset):
+    dataset = StreamingImageCaptionDataset(local=faulty_dataset, resolution=16, max_replacement_tries=1)
+    assert dataset[1]['sample_index'] == 2
+    with pytest.raises(ValueError, match=r'Cannot replace sample 3 \(https://data.invalid/3\) in shard.00000.mds'):
+        dataset[3]
+
+
+def test_latents_with_nan_are_replaced(tmp_path):
+    out = str(tmp_path / 'latents')
+    with MDSWriter(out=out, columns={'image_latents': 'ndarray', 'text_embeds': 'ndarray'}, hashes=['xxh64']) as w:
+        for index in range(4):
+            latents = np.full((4, 2, 2), index, dtype=np.float32)
+            latents[0, 0, 0] = np.nan if index == 1 else latents[0, 0, 0]
+            w.write({'image_latents': latents, 'text_embeds': np.zeros((3, 8), dtype=np.float32)})
+    dataset = StreamingLatentDataset(local=out)
+    assert (dataset[1]['sample_index'], dataset[1]['replaced']) == (2, 1)
+    assert torch.equal(dataset[1]['image_latents'], torch.full((4, 2, 2), 2.0))
+    assert (dataset[0]['sample_index'], dataset[0]['replaced']) == (0, 0)
+
+
+# The monitor.
+
+
+class RecordingLogger:
+    def __init__(self):
+        self.metrics: list[dict] = []
+
+    def log_metrics(self, metrics: dict) -> None:
+        self.metrics.append(metrics)
+
+
+def step(monitor: ReplacedSampleMonitor, flags: list[int], logger: RecordingLogger) -> None:
+    state = SimpleNamespace(batch={'replaced': torch.tensor(flags)}, device=DeviceCPU())
+    monitor.after_dataloader(state, logger)
+    monitor.batch_end(state, logger)
+
+
+def test_the_monitor_counts_logs_and_stops_over_the_cap():
+    monitor, logger = ReplacedSampleMonitor(max_replaced_fraction=0.1, min_samples=20), RecordingLogger()
+    step(monitor, [1, 1, 0, 0, 0, 0, 0, 0, 0, 0], logger)  # 20% but under min_samples: no stop
+    assert logger.metrics[-1] == {'data/replaced_samples': 2, 'data/replaced_fraction': 0.2}
+    step(monitor, [0] * 10, logger)  # 2 of 20: at the cap, not over it
+    assert logger.metrics[-1] == {'data/replaced_samples': 2, 'data/replaced_fraction': 0.1}
+
+    resumed = ReplacedSampleMonitor(max_replaced_fraction=0.1, min_samples=20)
+    resumed.load_state_dict(monitor.state_dict())
+    with pytest.raises(RuntimeError, match=r'4 of the 30 training samples so far \(13.33%\) had to be replaced, more'):
+        step(resumed, [1, 1] + [0] * 8, logger)
+    with pytest.raises(ValueError, match='max_replaced_fraction must be in'):
+        ReplacedSampleMonitor(max_replaced_fraction=2)
+
+
+def test_the_monitor_counts_a_training_run(faulty_dataset, tmp_path):
+    from diffusion.train import build_trainer
+
+    # 5 of the 12 samples are replaced: over a cap of 0.2 once 12 samples were seen, before the second batch trains.
+    cfg = tiny_config(
+        faulty_dataset, str(tmp_path), 'max_duration=2ba', 'train_dataloader.batch_size=6', 'save_folder=null'
+    )
+    trainer = build_trainer(cfg)
+    monitor = ReplacedSampleMonitor(max_replaced_fraction=0.2, min_samples=12)
+    trainer.state.callbacks.append(monitor)
+    with pytest.raises(RuntimeError, match='5 of the 12 training samples so far'):
+        trainer.fit()
+    assert (monitor.replaced, monitor.seen) == (5, 12)
