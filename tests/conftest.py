@@ -112,6 +112,32 @@ def seed_everything():
     yield
 
 
+@pytest.fixture(autouse=True)
+def release_streaming_shared_memory(monkeypatch):
+    """Free each test's streaming shared memory when the test ends, not at interpreter exit.
+
+    streaming 0.13 registers every ``SharedMemory`` it opens with ``atexit``, which keeps the objects, and their
+    file descriptors, alive for the life of the process. Training opens a dataset or two per process, but a test
+    worker opens hundreds and would reach the open-file limit.
+    """
+    import atexit
+
+    cleanups = []
+    register = atexit.register
+
+    def record(function, *args, **kwargs):
+        owner = getattr(function, '__self__', None)
+        if type(owner).__module__ == 'streaming.base.shared.memory' and function.__name__ == 'cleanup':
+            cleanups.append(function)
+            return function
+        return register(function, *args, **kwargs)
+
+    monkeypatch.setattr(atexit, 'register', record)
+    yield
+    for cleanup in cleanups:
+        cleanup()
+
+
 @pytest.fixture
 def s3_server(monkeypatch):
     """A real S3 API (moto's server mode) on 127.0.0.1 with a bucket ``test-bucket``; yields the endpoint URL."""
