@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import re
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from streaming import MDSWriter
 from tqdm import tqdm
 
 from diffusion.data.shard_integrity import SHARD_HASHES
+from diffusion.pipeline import images
 
 __all__ = [
     'ATTRIBUTION_NAMES',
@@ -366,13 +366,7 @@ def encode_image(image: Image.Image, image_format: str = 'png') -> bytes:
     Raises:
         ValueError: If ``image_format`` is not one of ``('png', 'jpeg')``.
     """
-    fmt = _normalise_format(image_format)
-    buffer = io.BytesIO()
-    if fmt == 'png':
-        image.save(buffer, format='PNG')
-    else:
-        image.save(buffer, format='JPEG', quality=95)
-    return buffer.getvalue()
+    return images.encode_image(image, image_format=_normalise_format(image_format), quality=95)
 
 
 def _normalise_format(image_format: str) -> str:
