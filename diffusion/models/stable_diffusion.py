@@ -298,6 +298,26 @@ class StableDiffusion(ComposerModel):
             requires_safety_checker=False,
         )
 
+    def _generators(
+        self, seed: Optional[Union[int, Sequence[int]]], num_images: int
+    ) -> Optional[Union[torch.Generator, list[torch.Generator]]]:
+        """One generator for the batch (an int seed), one per image (a list of seeds), or none."""
+        device = self.unet.device
+        if seed is None:
+            return None
+        if isinstance(seed, int):
+            return torch.Generator(device=device).manual_seed(seed)
+        seeds = [int(s) for s in seed]
+        if len(seeds) != num_images:
+            raise ValueError(f'Got {len(seeds)} seeds for {num_images} images; give one seed per image or one int.')
+        return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def _pipeline_call_kwargs(self, **kwargs: Any) -> dict[str, Any]:
+        """Extra pipeline arguments of a subclass (SDXL's size and crop conditioning); the SD2 family has none."""
+        if kwargs:
+            raise TypeError(f'{type(self).__name__}.generate got unexpected arguments {sorted(kwargs)}.')
+        return {}
+
     @torch.no_grad()
     def generate(
         self,
@@ -305,12 +325,13 @@ class StableDiffusion(ComposerModel):
         negative_prompts: Optional[Union[str, Sequence[str]]] = None,
         guidance_scale: float = 7.5,
         num_inference_steps: int = 50,
-        seed: Optional[int] = None,
+        seed: Optional[Union[int, Sequence[int]]] = None,
         height: Optional[int] = None,
         width: Optional[int] = None,
         scheduler: Optional[str] = None,
         num_images_per_prompt: int = 1,
         progress_bar: bool = False,
+        **conditioning: Any,
     ) -> torch.Tensor:
         """Sample images with classifier-free guidance.
 
@@ -319,29 +340,34 @@ class StableDiffusion(ComposerModel):
             negative_prompts (str | Sequence[str], optional): Prompts to guide away from (default: empty).
             guidance_scale (float): Classifier-free guidance scale; 1 disables guidance. Default: ``7.5``.
             num_inference_steps (int): Number of sampler steps. Default: ``50``.
-            seed (int, optional): Seed of the initial noise; the same seed gives the same images.
+            seed (int | Sequence[int], optional): Seed of the initial noise. An int seeds one generator for the
+                batch (the same seed and batch give the same images); a list gives one seed per output image
+                (``len(prompts) * num_images_per_prompt``, prompt-major), so that an image depends only on its
+                prompt and seed, not on the rest of the batch.
             height (int, optional): Image height in pixels; default: the UNet's sample size times the VAE factor.
             width (int, optional): Image width in pixels; default as ``height``.
             scheduler (str, optional): Sampler name (``'ddim'``, ``'euler'``, ``'dpm++'``, ...); default: the
                 model's ``inference_scheduler``.
             num_images_per_prompt (int): Images per prompt. Default: ``1``.
             progress_bar (bool): Show the sampler's progress bar. Default: ``False``.
+            **conditioning: Model-specific sampling conditioning (SDXL: ``original_size``,
+                ``crops_coords_top_left``, ``target_size``); the SD2 family takes none.
 
         Returns:
             torch.Tensor: Images (B * num_images_per_prompt, 3, H, W) in [0, 1], float32, on the model's device.
         """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if isinstance(negative_prompts, str):
+            negative_prompts = [negative_prompts] * len(prompts)
+        elif negative_prompts is not None and len(negative_prompts) != len(prompts):
+            raise ValueError(f'Got {len(negative_prompts)} negative prompts for {len(prompts)} prompts.')
+        extra = self._pipeline_call_kwargs(**conditioning)
+        generator = self._generators(seed, len(prompts) * num_images_per_prompt)
         was_training = self.training
         self.eval()
         try:
             pipe = self.pipeline(scheduler)
             pipe.set_progress_bar_config(disable=not progress_bar)
-            device = self.unet.device
-            generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-            if isinstance(negative_prompts, str):
-                negative_prompts = [negative_prompts] * len(prompts)
-            elif negative_prompts is not None and len(negative_prompts) != len(prompts):
-                raise ValueError(f'Got {len(negative_prompts)} negative prompts for {len(prompts)} prompts.')
             images = pipe(
                 prompt=prompts,
                 negative_prompt=None if negative_prompts is None else list(negative_prompts),
@@ -352,6 +378,7 @@ class StableDiffusion(ComposerModel):
                 generator=generator,
                 num_images_per_prompt=num_images_per_prompt,
                 output_type='pt',
+                **extra,
             ).images
         finally:
             self.train(was_training)

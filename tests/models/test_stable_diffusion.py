@@ -153,6 +153,19 @@ def test_generate_negative_prompt_and_size(tiny_sd):
     assert wide.shape == (1, 3, 16, 32)
 
 
+def test_generate_per_image_seeds_do_not_depend_on_the_batch(tiny_sd):
+    kwargs = dict(num_inference_steps=3, guidance_scale=3.0)
+    batch = tiny_sd.generate(['a red circle', 'a blue square', 'a green star'], seed=[5, 6, 7], **kwargs)
+    alone = tiny_sd.generate(['a blue square'], seed=[6], **kwargs)
+    torch.testing.assert_close(batch[1:2], alone)
+    swapped = tiny_sd.generate(['a green star', 'a red circle'], seed=[7, 5], **kwargs)
+    torch.testing.assert_close(swapped, batch[[2, 0]])
+    with pytest.raises(ValueError, match='2 seeds for 3 images'):
+        tiny_sd.generate(['a', 'b', 'c'], seed=[1, 2], **kwargs)
+    with pytest.raises(TypeError, match='unexpected arguments'):
+        tiny_sd.generate('a', seed=1, target_size=(16, 16), **kwargs)
+
+
 def test_precomputed_latents_skip_the_encoders(tiny_sd):
     batch = {'image_latents': torch.randn(2, 4, 8, 8), 'text_embeds': torch.randn(2, 77, 16)}
 
