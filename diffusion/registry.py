@@ -161,6 +161,8 @@ models.register_all(
     {
         'stable_diffusion_2': factories.stable_diffusion_2,
         'tiny_stable_diffusion': factories.tiny_stable_diffusion,
+        'stable_diffusion_xl': factories.stable_diffusion_xl,
+        'tiny_stable_diffusion_xl': factories.tiny_stable_diffusion_xl,
         'autoencoder_kl': autoencoder.autoencoder_kl,
         'tiny_autoencoder': autoencoder.tiny_autoencoder,
     }

@@ -27,8 +27,12 @@ def _count(config_items: tuple, latent_shape: tuple[int, ...], text_shape: tuple
         sample = torch.zeros(1, *latent_shape)
         timesteps = torch.zeros(1, dtype=torch.long)
         text = torch.zeros(1, *text_shape)
+        added = None
+        if config.get('addition_embed_type') == 'text_time':  # SDXL: pooled text + six size/crop numbers
+            pooled = config['projection_class_embeddings_input_dim'] - 6 * config['addition_time_embed_dim']
+            added = {'text_embeds': torch.zeros(1, pooled), 'time_ids': torch.zeros(1, 6)}
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        unet(sample, timesteps, encoder_hidden_states=text)
+        unet(sample, timesteps, encoder_hidden_states=text, added_cond_kwargs=added)
     return int(counter.get_total_flops())
 
 

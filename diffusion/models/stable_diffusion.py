@@ -194,6 +194,14 @@ class StableDiffusion(ComposerModel):
             input_ids = self._drop_captions(input_ids)
         return self.encode_text(input_ids)
 
+    def _unet_conditioning(self, batch: dict[str, Any], drop_captions: bool, latents: torch.Tensor) -> dict[str, Any]:
+        """Keyword arguments of the UNet besides latents and timesteps: the text context for the SD2 family."""
+        return {'encoder_hidden_states': self._conditioning(batch, drop_captions)}
+
+    def text_embeddings(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The columns that precomputing stores for ``captions``: ``text_embeds`` (B, 77, D) for the SD2 family."""
+        return {'text_embeds': self.encode_text(self.tokenize(captions))}
+
     def _latents(self, batch: dict[str, Any], generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Scaled latents from whichever the batch holds: a latent sample, the posterior's moments, or images."""
         if ('image_latents' in batch or 'image_latents_mean' in batch) and self.train_vae:
@@ -211,7 +219,7 @@ class StableDiffusion(ComposerModel):
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Noise the latents at random timesteps and predict; returns (prediction, target, timesteps)."""
         latents = self._latents(batch)
-        conditioning = self._conditioning(batch, drop_captions=self.training)
+        conditioning = self._unet_conditioning(batch, self.training, latents)
         timesteps = torch.randint(
             0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
         )
@@ -220,7 +228,7 @@ class StableDiffusion(ComposerModel):
     def _predict(
         self,
         latents: torch.Tensor,
-        conditioning: torch.Tensor,
+        conditioning: Union[torch.Tensor, dict[str, Any]],
         timesteps: torch.Tensor,
         noise: torch.Tensor,
         offset: Optional[torch.Tensor] = None,
@@ -231,7 +239,9 @@ class StableDiffusion(ComposerModel):
             noise = noise + self.offset_noise * offset.to(noise.dtype)
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = training_target(self.noise_scheduler, latents, noise, timesteps)
-        prediction = self.unet(noisy_latents, timesteps, encoder_hidden_states=conditioning).sample
+        if isinstance(conditioning, torch.Tensor):
+            conditioning = {'encoder_hidden_states': conditioning}
+        prediction = self.unet(noisy_latents, timesteps, **conditioning).sample
         return prediction, target, timesteps
 
     def loss(self, outputs: tuple[torch.Tensor, ...], batch: dict[str, Any]) -> torch.Tensor:
@@ -250,7 +260,7 @@ class StableDiffusion(ComposerModel):
         device = self.unet.device
         generator = torch.Generator(device=device).manual_seed(self.val_seed)
         latents = self._latents(batch, generator=generator)
-        conditioning = self._conditioning(batch, drop_captions=False)
+        conditioning = self._unet_conditioning(batch, False, latents)
         predictions, targets = [], []
         for t in self.val_timesteps.tolist():
             noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)

@@ -3,8 +3,9 @@
 The tokenizer is transformers' ``CLIPTokenizer`` constructed from the real CLIP byte-pair-encoding vocabulary
 that ships inside the open-clip-torch package (``open_clip/bpe_simple_vocab_16e6.txt.gz``), so that training,
 tests and the demo tokenize exactly as Stable Diffusion 2 does without reaching a model hub. Text encoders are
-transformers ``CLIPTextModel`` (SD2) built from the configs in shared/REFERENCE.md, or loaded with
-``from_pretrained`` from a local folder or hub id.
+transformers ``CLIPTextModel`` (SD2, and SDXL's CLIP ViT-L/14) or ``CLIPTextModelWithProjection`` (SDXL's
+OpenCLIP ViT-bigG/14, whose projected pooled output conditions the UNet) built from the configs in
+shared/REFERENCE.md, or loaded with ``from_pretrained`` from a local folder or hub id.
 """
 
 from __future__ import annotations
@@ -16,10 +17,17 @@ import tempfile
 from importlib import resources
 from typing import Optional
 
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
-__all__ = ['SD2_TEXT_ENCODER_CONFIG', 'build_clip_tokenizer', 'build_text_encoder', 'clip_vocabulary_files']
+__all__ = [
+    'SD2_TEXT_ENCODER_CONFIG',
+    'SDXL_TEXT_ENCODER_2_CONFIG',
+    'SDXL_TEXT_ENCODER_CONFIG',
+    'build_clip_tokenizer',
+    'build_text_encoder',
+    'clip_vocabulary_files',
+]
 
 # 49152 - 256 - 2 merges, as in OpenAI's CLIP: the byte alphabet (256), its end-of-word forms (256),
 # the merges and the two special tokens make the 49,408-entry vocabulary.
@@ -39,6 +47,29 @@ SD2_TEXT_ENCODER_CONFIG = dict(
     bos_token_id=49406,
     eos_token_id=49407,
     pad_token_id=0,
+)
+
+# SDXL's first text encoder: OpenAI CLIP ViT-L/14's text tower, all 12 layers (SDXL reads the penultimate hidden
+# state from ``output_hidden_states``). Its tokenizer pads with the end token.
+SDXL_TEXT_ENCODER_CONFIG = dict(
+    SD2_TEXT_ENCODER_CONFIG,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    hidden_act='quick_gelu',
+    projection_dim=768,
+)
+
+# SDXL's second text encoder: OpenCLIP ViT-bigG/14's text tower with its projection (the pooled, projected output
+# joins the size/crop embedding); tokenizer pads with '!' like SD2's.
+SDXL_TEXT_ENCODER_2_CONFIG = dict(
+    SD2_TEXT_ENCODER_CONFIG,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    projection_dim=1280,
 )
 
 
@@ -102,10 +133,14 @@ def build_clip_tokenizer(pretrained: Optional[str] = None, pad_token: str = '!',
     )
 
 
-def build_text_encoder(config: Optional[dict] = None, pretrained: Optional[str] = None, **kwargs) -> CLIPTextModel:
-    """A ``CLIPTextModel`` loaded from ``pretrained`` or built from ``config`` with random weights."""
+def build_text_encoder(
+    config: Optional[dict] = None, pretrained: Optional[str] = None, with_projection: bool = False, **kwargs
+) -> CLIPTextModel:
+    """A ``CLIPTextModel`` (or ``CLIPTextModelWithProjection`` when ``with_projection``) loaded from ``pretrained``
+    or built from ``config`` with random weights."""
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     if pretrained is not None:
-        return CLIPTextModel.from_pretrained(pretrained, **kwargs)
+        return cls.from_pretrained(pretrained, **kwargs)
     if config is None:
         raise ValueError('build_text_encoder needs either `config` or `pretrained`.')
-    return CLIPTextModel(CLIPTextConfig(**config))
+    return cls(CLIPTextConfig(**config))

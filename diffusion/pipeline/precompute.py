@@ -68,7 +68,7 @@ def encode_batch(
     """Latent columns for a batch: posterior moments or a sample (unscaled), and the text embeddings."""
     with torch.no_grad():
         mean, std = model.vae_moments(images)
-        out = {'text_embeds': model.encode_text(model.tokenize(captions))}
+        out = dict(model.text_embeddings(captions))  # SDXL adds pooled_text_embeds
         if options.store == 'moments':
             out.update(image_latents_mean=mean, image_latents_std=std)
         else:
@@ -76,9 +76,10 @@ def encode_batch(
     return out
 
 
-def _latent_columns(options: PrecomputeOptions, carried: dict[str, str]) -> dict[str, str]:
+def _latent_columns(options: PrecomputeOptions, carried: dict[str, str], model: Any) -> dict[str, str]:
     tensors = ('image_latents_mean', 'image_latents_std') if options.store == 'moments' else ('image_latents',)
-    return {**carried, **dict.fromkeys((*tensors, 'text_embeds'), 'ndarray'), 'latents_dtype': 'str'}
+    text = tuple(model.text_embeddings(['']))  # text_embeds, and pooled_text_embeds for SDXL
+    return {**carried, **dict.fromkeys((*tensors, *text), 'ndarray'), 'latents_dtype': 'str'}
 
 
 def _build_model(config: str, overrides: Sequence[str], encode_dtype: str) -> Any:
@@ -92,8 +93,9 @@ def _build_model(config: str, overrides: Sequence[str], encode_dtype: str) -> An
     reproducibility.seed_all(cfg.seed)
     model = build_model(cfg.model).eval()
     device = torch.device(f'cuda:{rank_info().local_rank}' if torch.cuda.is_available() else 'cpu')
-    model.vae.to(device, STORAGE_DTYPES[encode_dtype])
-    model.text_encoder.to(device, STORAGE_DTYPES[encode_dtype])
+    for name in ('vae', 'text_encoder', 'text_encoder_2'):
+        if hasattr(model, name):
+            getattr(model, name).to(device, STORAGE_DTYPES[encode_dtype])
     return model
 
 
@@ -127,9 +129,9 @@ def precompute_latents(
             raise ValueError(f'{input_root} has no {needed!r} column; its columns are {sorted(columns)}.')
     carried = {name: encoding for name, encoding in columns.items() if name != 'image'}
     # The output's columns follow the input's: provenance columns are carried over whatever they are.
-    runner.columns = _latent_columns(options, carried)
-    runner.side_columns = tuple(c for c in SIDE_COLUMNS if c in carried)
     model = _build_model(config, overrides, options.encode_dtype)
+    runner.columns = _latent_columns(options, carried, model)
+    runner.side_columns = tuple(c for c in SIDE_COLUMNS if c in carried)
     transform = image_transform(options.resolution, crop='center')
 
     def process(unit: int) -> Iterator[dict[str, Any]]:
