@@ -14,6 +14,11 @@ Builds on ``streaming.StreamingDataset`` (mosaicml-streaming 0.13), changing thr
   sample's index, shard and source, and the sample dict says ``replaced = 1``, so that
   :class:`~diffusion.data.replaced_sample_monitor.ReplacedSampleMonitor` counts replacements from the batches:
   DataLoader workers are separate processes, so a counter kept in the dataset would never reach the trainer.
+
+It also guards the license subset a run may train on: with ``license_preset`` (``'commercial'`` for the -C models),
+every sample's ``license`` column is checked against the pipeline's preset when it is read, and a sample outside
+it stops the run with an error naming the sample, its shard and its license (a wrong data path for a commercial
+model is a legal problem, not a data fault to skip).
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ from streaming.base.dataset import _ShardState
 from streaming.base.format.base.reader import Reader
 
 from diffusion.data.shard_integrity import AUTO, ShardIntegrityError, choose_validate_hash, verify_local_shards
+from diffusion.pipeline.licenses import allowed_licenses
 
-__all__ = ['FaultTolerantStreamingDataset', 'ShardDownloadError', 'UnusableSample']
+__all__ = ['FaultTolerantStreamingDataset', 'LicenseError', 'ShardDownloadError', 'UnusableSample']
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,10 @@ class ShardDownloadError(RuntimeError):
     """A shard that could not be downloaded or decompressed, after streaming's retries."""
 
 
+class LicenseError(ValueError):
+    """A sample whose license is outside the run's ``license_preset`` (or that has no license column)."""
+
+
 class FaultTolerantStreamingDataset(StreamingDataset):
     """``StreamingDataset`` with checked shards, clear shard errors and replacement of unusable samples.
 
@@ -75,6 +85,9 @@ class FaultTolerantStreamingDataset(StreamingDataset):
             shards. Costs one read of those files, split over the ranks of a node. Default: ``True``.
         max_replacement_tries (int): How many following samples may be tried in place of an unusable one before
             giving up with an error. Default: ``100``.
+        license_preset (str, optional): Check each sample's ``license`` against this preset of
+            :mod:`diffusion.pipeline.licenses` (``'commercial'``, ``'noncommercial'``, ``'all'``) and raise
+            :class:`LicenseError` for one outside it. Default: ``None`` (no check).
         **streaming_kwargs: Passed to ``StreamingDataset`` (``remote``, ``local``, ``download_retry``,
             ``download_timeout``, ...).
     """
@@ -85,10 +98,13 @@ class FaultTolerantStreamingDataset(StreamingDataset):
         validate_hash: Optional[str] = AUTO,
         verify_local_shards: bool = True,
         max_replacement_tries: int = 100,
+        license_preset: Optional[str] = None,
         **streaming_kwargs: Any,
     ):
         if max_replacement_tries < 0:
             raise ValueError(f'max_replacement_tries must be >= 0, got {max_replacement_tries}.')
+        self.license_preset = license_preset
+        self._allowed_licenses = None if license_preset is None else allowed_licenses(license_preset)
         super().__init__(validate_hash=None, **streaming_kwargs)
         self.max_replacement_tries = max_replacement_tries
         self._shard_error: Optional[Exception] = None
@@ -102,6 +118,20 @@ class FaultTolerantStreamingDataset(StreamingDataset):
     def load_sample(self, index: int) -> dict[str, Any]:
         """The training sample ``index``; raises :class:`UnusableSample` when it cannot train."""
         raise NotImplementedError
+
+    def get_item(self, sample_id: int, retry: int = 7) -> Any:
+        """Streaming's raw sample, with its license checked against ``license_preset``."""
+        sample = super().get_item(sample_id, retry)
+        if self._allowed_licenses is not None:
+            license_id = sample.get('license') if isinstance(sample, dict) else None
+            if license_id not in self._allowed_licenses:
+                found = 'no license column' if license_id is None else f'license {license_id!r}'
+                raise LicenseError(
+                    f'{self.describe(sample_id)} has {found}, outside license_preset={self.license_preset!r} '
+                    f'({", ".join(sorted(self._allowed_licenses))}). Train on data filtered with '
+                    f'`python -m diffusion.pipeline filter --preset {self.license_preset}`.'
+                )
+        return sample
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Sample ``index``, or the next usable one (wrapping) with ``replaced = 1`` when it is unusable.

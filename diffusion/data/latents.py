@@ -21,10 +21,18 @@ from diffusion.data.faults import FaultTolerantStreamingDataset, UnusableSample
 from diffusion.data.image_caption import per_rank_batch_size, resolve_source, streaming_dataloader
 from diffusion.data.shard_integrity import AUTO
 
-__all__ = ['LATENT_COLUMNS', 'StreamingLatentDataset', 'build_latent_dataloader', 'from_stored', 'to_stored']
+__all__ = [
+    'LATENT_COLUMNS',
+    'MICRO_CONDITIONING_COLUMNS',
+    'StreamingLatentDataset',
+    'build_latent_dataloader',
+    'from_stored',
+    'to_stored',
+]
 
 # Tensor columns a latent shard may hold; each is returned when present.
 LATENT_COLUMNS = ('image_latents_mean', 'image_latents_std', 'image_latents', 'text_embeds', 'pooled_text_embeds')
+MICRO_CONDITIONING_COLUMNS = ('cond_original_size', 'cond_crops_coords_top_left', 'cond_target_size')
 STORAGE_DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
 
@@ -65,6 +73,9 @@ class StreamingLatentDataset(FaultTolerantStreamingDataset):
         if non_finite:
             source = sample.get('source_url') or sample.get('key') or None
             raise UnusableSample('non_finite', f'{", ".join(non_finite)} hold NaN or inf', source)
+        for key in MICRO_CONDITIONING_COLUMNS:  # SDXL's size and crop conditioning, (height, width) / (top, left)
+            if key in sample:
+                out[key] = torch.as_tensor(np.asarray(sample[key]), dtype=torch.long)
         out['captions'] = sample.get('caption', '')
         out['sample_index'] = index
         return out
@@ -80,6 +91,7 @@ def build_latent_dataloader(
     validate_hash: Optional[str] = AUTO,
     verify_local_shards: bool = True,
     max_replacement_tries: int = 100,
+    license_preset: Optional[str] = None,
     num_workers: int = 0,
     drop_last: bool = True,
     streaming_kwargs: Optional[dict[str, Any]] = None,
@@ -93,7 +105,7 @@ def build_latent_dataloader(
         batch_size (int): Global batch size, divided evenly across ranks.
         shuffle (bool): Shuffle samples (deterministic for ``shuffle_seed``). Default: ``True``.
         shuffle_seed (int): Seed of the shuffle. Default: ``9176``.
-        validate_hash, verify_local_shards, max_replacement_tries: See
+        validate_hash, verify_local_shards, max_replacement_tries, license_preset: See
             :class:`~diffusion.data.faults.FaultTolerantStreamingDataset`.
         num_workers (int): DataLoader worker processes. Default: ``0``.
         drop_last (bool): Drop the last incomplete batch. Default: ``True``.
@@ -110,6 +122,7 @@ def build_latent_dataloader(
         validate_hash=validate_hash,
         verify_local_shards=verify_local_shards,
         max_replacement_tries=max_replacement_tries,
+        license_preset=license_preset,
         batch_size=device_batch_size,
         **(streaming_kwargs or {}),
     )

@@ -340,3 +340,27 @@ def test_the_monitor_counts_a_training_run(faulty_dataset, tmp_path):
     with pytest.raises(RuntimeError, match='5 of the 12 training samples so far'):
         trainer.fit()
     assert (monitor.replaced, monitor.seen) == (5, 12)
+
+
+# The license guard of the -C (commercial) models.
+
+
+def test_license_preset_stops_on_a_sample_outside_the_subset(tmp_path):
+    from diffusion.data.faults import LicenseError
+
+    out = str(tmp_path / 'latents')
+    licenses = ['CC-BY-2.0', 'CC-BY-SA-2.0', 'CC-BY-NC-2.0', 'CC-BY-4.0']
+    with MDSWriter(out=out, columns={'image_latents': 'ndarray', 'text_embeds': 'ndarray', 'license': 'str'}) as w:
+        for license_id in licenses:
+            w.write({'image_latents': np.zeros((4, 2, 2), np.float32), 'text_embeds': np.zeros((3, 8), np.float32),
+                     'license': license_id})  # fmt: skip
+    commercial = StreamingLatentDataset(local=out, license_preset='commercial')
+    assert commercial[0]['sample_index'] == 0 and commercial[1]['sample_index'] == 1
+    # Not replaced like a broken sample: the run stops, naming the sample, shard and license.
+    with pytest.raises(LicenseError, match=r"sample 2 in shard\.00000\.mds has license 'CC-BY-NC-2.0', outside "
+                                           r"license_preset='commercial'"):  # fmt: skip
+        commercial[2]
+    noncommercial = StreamingLatentDataset(local=out, license_preset='noncommercial')
+    assert [noncommercial[i]['sample_index'] for i in range(4)] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="Unknown license preset 'comercial'"):
+        StreamingLatentDataset(local=out, license_preset='comercial')
