@@ -13,7 +13,7 @@ import torch
 
 from diffusion.config import load_config
 from diffusion.data.synthetic import write_synthetic_dataset
-from diffusion.models import tiny_stable_diffusion
+from diffusion.models import tiny_stable_diffusion, tiny_stable_diffusion_xl
 
 # Tests build every model from configs or local folders: any attempt to reach a model hub is a bug.
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -47,6 +47,34 @@ TEST_MODEL_OVERRIDES = [
     '+model.vae_config={block_out_channels:[8,16],down_block_types:[DownEncoderBlock2D,DownEncoderBlock2D],'
     'up_block_types:[UpDecoderBlock2D,UpDecoderBlock2D],norm_num_groups:4,sample_size:16}',
     '+model.text_encoder_config={hidden_size:16,intermediate_size:32,num_attention_heads:2,num_hidden_layers:1,'
+    'projection_dim:16}',
+]
+
+
+# The SDXL classes at test size: 16px images, contexts 16 + 16 = 32 wide, pooled 16 + 6 x 8 time-id features.
+TEST_XL = dict(
+    unet_config=dict(
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        attention_head_dim=4,
+        cross_attention_dim=32,
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=16 + 6 * 8,
+    ),
+    vae_config=TEST_VAE,
+    text_encoder_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2),
+    text_encoder_2_config=dict(
+        hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2, projection_dim=16
+    ),
+)
+TINY_XL_YAML = os.path.join(REPO_ROOT, 'yamls', 'tiny_sdxl_cpu.yaml')
+TEST_XL_MODEL_OVERRIDES = [
+    'model.name=tiny_stable_diffusion_xl',
+    '+model.unet_config={block_out_channels:[8,16],norm_num_groups:4,attention_head_dim:4,cross_attention_dim:32,'
+    'addition_time_embed_dim:8,projection_class_embeddings_input_dim:64}',
+    TEST_MODEL_OVERRIDES[2],  # the test VAE
+    '+model.text_encoder_config={hidden_size:16,intermediate_size:32,num_attention_heads:2,num_hidden_layers:2}',
+    '+model.text_encoder_2_config={hidden_size:16,intermediate_size:32,num_attention_heads:2,num_hidden_layers:2,'
     'projection_dim:16}',
 ]
 
@@ -89,6 +117,11 @@ def build_tiny_sd(**overrides):
         text_encoder_config={**TEST_TEXT_ENCODER, **overrides.pop('text_encoder_config', {})},
         **overrides,
     )
+
+
+def build_tiny_sdxl(**overrides):
+    """A StableDiffusionXL of test size (16px images, 8x8 latents); ``overrides`` go to the factory."""
+    return tiny_stable_diffusion_xl(**TEST_XL, **overrides)
 
 
 @pytest.fixture

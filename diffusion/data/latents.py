@@ -75,7 +75,7 @@ class StreamingLatentDataset(FaultTolerantStreamingDataset):
             raise UnusableSample('non_finite', f'{", ".join(non_finite)} hold NaN or inf', source)
         for key in MICRO_CONDITIONING_COLUMNS:  # SDXL's size and crop conditioning, (height, width) / (top, left)
             if key in sample:
-                out[key] = torch.as_tensor(np.asarray(sample[key]), dtype=torch.long)
+                out[key] = torch.tensor(np.array(sample[key]), dtype=torch.long)
         out['captions'] = sample.get('caption', '')
         out['sample_index'] = index
         return out

@@ -9,33 +9,7 @@ from diffusers import UNet2DConditionModel
 
 from diffusion.models import StableDiffusionXL, stable_diffusion_xl, tiny_stable_diffusion_xl
 from diffusion.models.factories import TINY_SDXL_UNET_CONFIG, XL_COMPONENTS
-
-# Test size: 16px images, 8x8 latents; contexts 16 + 16 = 32 wide, pooled 16 + 6 x 8 time-id features.
-TEST_XL = dict(
-    unet_config=dict(
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        attention_head_dim=4,
-        cross_attention_dim=32,
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=16 + 6 * 8,
-    ),
-    vae_config=dict(
-        block_out_channels=(8, 16),
-        down_block_types=('DownEncoderBlock2D',) * 2,
-        up_block_types=('UpDecoderBlock2D',) * 2,
-        norm_num_groups=4,
-        sample_size=16,
-    ),
-    text_encoder_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2),
-    text_encoder_2_config=dict(
-        hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2, projection_dim=16
-    ),
-)
-
-
-def build_tiny_sdxl(**kwargs) -> StableDiffusionXL:
-    return tiny_stable_diffusion_xl(**TEST_XL, **kwargs)
+from tests.conftest import TEST_XL, build_tiny_sdxl
 
 
 @pytest.fixture
