@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DATA := data/demo
 
-.PHONY: install demo demo-data pipeline-example test test-fast lint format benchmark clean
+.PHONY: install browser demo demo-data pipeline-example test test-fast lint format benchmark clean
 
 install: $(STAMP)
 
@@ -37,7 +37,13 @@ pipeline-example: install
 	$(PY) -m diffusion.pipeline report $(EXAMPLE)/ingested $(EXAMPLE)/filtered $(EXAMPLE)/captioned --out $(EXAMPLE)/report
 	@echo "Report: $(EXAMPLE)/report/provenance.md"
 
-test: install
+# Debian's chromium and its driver, for the human-study browser test (skipped, with the reason, without them).
+browser:
+	@command -v chromedriver >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "chromium/chromedriver missing and not root: the human-study browser test will be skipped"; fi; }
+
+test: install browser
 	$(VENV)/bin/pytest -n 2 --dist loadgroup tests
 
 test-fast: install

@@ -24,6 +24,8 @@ install_requires = [
     'pyarrow>=14',
     # Bar chart of the license mix in the provenance report.
     'matplotlib>=3.7',
+    # The human preference study's local web app.
+    'flask>=3.0,<4',
 ]
 
 extras_require = {
@@ -36,6 +38,8 @@ extras_require = {
         'tensorboard',
         # sklearn.datasets.load_sample_images: two real CC BY 2.0 photos for the pipeline tests.
         'scikit-learn',
+        # Drives Debian's chromium (chromium-driver) in the human-study browser test; no driver download.
+        'selenium>=4,<5',
     ],
     'xformers': ['xformers==0.0.30'],
 }
@@ -45,7 +49,7 @@ setup(
     version='0.1.0',
     description='CommonCanvas: latent diffusion training on Creative-Commons data with Composer',
     packages=find_packages(include=['diffusion', 'diffusion.*']),
-    package_data={'diffusion.evaluation': ['prompts/*.txt']},
+    package_data={'diffusion.evaluation': ['prompts/*.txt', 'human_eval_static/*.html']},
     python_requires='>=3.10',
     install_requires=install_requires,
     extras_require=extras_require,
