@@ -11,12 +11,17 @@ A sample becomes ``{'image': (3, R, R) float in [-1, 1], 'captions': str, 'input
 'sample_index': int, 'replaced': int}``; the default collate stacks them into the batch dict of
 shared/ARCHITECTURE.md. A sample whose image does not decode or whose caption is empty is replaced by the next
 usable one (``replaced = 1``; see :mod:`diffusion.data.faults`).
+
+SDXL's micro-conditioning (Podell et al. 2023, section 2.2) adds ``cond_original_size``, ``cond_crops_coords_top_left``
+and ``cond_target_size`` (each (2,) long, ``(height, width)`` or ``(top, left)``): the crop the transform really took.
+With ``aspect_buckets`` (:mod:`diffusion.data.aspect_buckets`) each batch holds one bucket's shape instead of R x R.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -25,8 +30,16 @@ from PIL import Image
 from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 from torchvision import transforms
+from torchvision.transforms import functional as TF
 from transformers import PreTrainedTokenizerBase
 
+from diffusion.data.aspect_buckets import (
+    AspectBucketSampler,
+    BucketedDataLoader,
+    BucketIndex,
+    read_sample_sizes,
+    resolve_buckets,
+)
 from diffusion.data.faults import FaultTolerantStreamingDataset, UnusableSample
 from diffusion.data.shard_integrity import AUTO
 from diffusion.pipeline import images
@@ -36,6 +49,7 @@ __all__ = [
     'build_image_caption_dataloader',
     'decode_image',
     'image_transform',
+    'resize_and_crop',
     'resolve_source',
 ]
 
@@ -68,6 +82,49 @@ def image_transform(resolution: int, crop: str = 'center', random_flip: bool = F
     return transforms.Compose(steps)
 
 
+def resize_and_crop(
+    image: Image.Image,
+    height: int,
+    width: int,
+    crop: str = 'center',
+    random_flip: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """PIL image -> ``(3, height, width)`` tensor in [-1, 1] and the ``(top, left)`` of the crop it took.
+
+    The image is resized (bicubic, aspect kept) to the smallest size that covers ``height`` x ``width``, then
+    cropped to exactly that size, at random or in the centre. ``(top, left)`` is the crop's corner in the resized
+    image; with a horizontal flip it is the corner in the flipped resized image (``left = resized_width - left -
+    width``), so it stays the true offset of the pixels returned.
+
+    Args:
+        image (Image.Image): RGB image.
+        height (int): Output height.
+        width (int): Output width.
+        crop (str): ``'random'`` or ``'center'``. Default: ``'center'``.
+        random_flip (bool): Flip horizontally with probability 0.5. Default: ``False``.
+        generator (torch.Generator, optional): Source of the random crop and flip; torch's global one when
+            ``None``. Default: ``None``.
+    """
+    if crop not in CROPS:
+        raise ValueError(f'Unknown crop {crop!r}. Valid values: {", ".join(CROPS)}.')
+    scale = max(height / image.height, width / image.width)
+    resized_height = max(height, round(image.height * scale))
+    resized_width = max(width, round(image.width * scale))
+    if (resized_width, resized_height) != image.size:
+        image = image.resize((resized_width, resized_height), Image.BICUBIC)
+    if crop == 'random':
+        top = int(torch.randint(0, resized_height - height + 1, (1,), generator=generator))
+        left = int(torch.randint(0, resized_width - width + 1, (1,), generator=generator))
+    else:
+        top, left = round((resized_height - height) / 2), round((resized_width - width) / 2)
+    pixels = TF.to_tensor(image.crop((left, top, left + width, top + height)))
+    if random_flip and float(torch.rand(1, generator=generator)) < 0.5:
+        pixels = pixels.flip(-1)
+        left = resized_width - left - width
+    return (pixels * 2.0 - 1.0).clamp_(-1.0, 1.0), (top, left)
+
+
 def resolve_source(remote: Optional[str], local: Optional[str]) -> tuple[Optional[str], Optional[str]]:
     """Read a local dataset folder in place instead of copying it into a cache.
 
@@ -87,6 +144,10 @@ class StreamingImageCaptionDataset(FaultTolerantStreamingDataset):
     A sample whose image fails to decode (truncated, not an image, a decompression bomb) or whose caption is empty
     is replaced by the next usable sample, marked ``replaced = 1`` and named in a warning.
 
+    Indexed by a :class:`~diffusion.data.aspect_buckets.BucketIndex` instead of an ``int``, a sample is cropped to
+    the bucket's size, with its random crop and flip drawn from ``(shuffle_seed, epoch, index)``: the same in any
+    DataLoader worker. Otherwise crops and flips draw from torch's global generator, as torchvision's do.
+
     Args:
         tokenizer (PreTrainedTokenizerBase, optional): Tokenizer for ``input_ids``; captions only when ``None``.
         resolution (int): Side of the square output image. Default: ``256``.
@@ -105,8 +166,13 @@ class StreamingImageCaptionDataset(FaultTolerantStreamingDataset):
             Default: ``0.5``.
         caption_seed (int): Seed of the per-sample draw of ``'mix'``. Default: ``0``.
         max_image_pixels (int): Largest declared image size accepted, against decompression bombs.
+        micro_conditioning (bool): Add SDXL's ``cond_original_size`` (the ``original_height`` and
+            ``original_width`` columns where positive, else the decoded image's size), ``cond_crops_coords_top_left``
+            (the crop taken, see :func:`resize_and_crop`) and ``cond_target_size`` (the output size). Default:
+            ``False``.
         **streaming_kwargs: Passed to :class:`~diffusion.data.faults.FaultTolerantStreamingDataset`
-            (``validate_hash``, ``verify_local_shards``, ``max_replacement_tries``) and ``StreamingDataset``
+            (``validate_hash``, ``verify_local_shards``, ``max_replacement_tries``, ``license_preset``) and
+            ``StreamingDataset``
             (``remote``, ``local``, ``shuffle``, ``batch_size``, ``shuffle_seed``, ``download_retry``, ...).
     """
 
@@ -124,6 +190,7 @@ class StreamingImageCaptionDataset(FaultTolerantStreamingDataset):
         original_caption_prob: float = 0.5,
         caption_seed: int = 0,
         max_image_pixels: int = 1 << 26,
+        micro_conditioning: bool = False,
         **streaming_kwargs: Any,
     ):
         transform = image_transform(resolution, crop, random_flip)  # validates crop before any streaming setup
@@ -141,6 +208,23 @@ class StreamingImageCaptionDataset(FaultTolerantStreamingDataset):
         self.caption_seed = caption_seed
         self.max_image_pixels = max_image_pixels
         self.transform = transform
+        self.resolution = resolution
+        self.crop = crop
+        self.random_flip = random_flip
+        self.micro_conditioning = micro_conditioning
+        self._bucket: Optional[BucketIndex] = None
+
+    def __getitem__(self, index: Union[int, BucketIndex]) -> dict[str, Any]:
+        """Sample ``index`` (or the next usable one); a :class:`BucketIndex` also sets its size and crop seed."""
+        if not isinstance(index, BucketIndex):
+            return super().__getitem__(index)
+        # A process loads one sample at a time, so the request can wait here for load_sample (called, through the
+        # replacement logic, with the index of the sample actually loaded).
+        self._bucket = index
+        try:
+            return super().__getitem__(index.index)
+        finally:
+            self._bucket = None
 
     def load_sample(self, index: int) -> dict[str, Any]:
         """Sample ``index`` decoded, transformed and tokenized; :class:`UnusableSample` when it cannot train."""
@@ -158,7 +242,7 @@ class StreamingImageCaptionDataset(FaultTolerantStreamingDataset):
             raise UnusableSample(error.reason, error.detail, source) from error
         # Transform only a usable sample: the random crop and flip then draw the same numbers with or without
         # replacements, so the augmentations of the samples after a replaced one stay as they were.
-        out = {'image': self.transform(image).clamp_(-1.0, 1.0), 'captions': caption, 'sample_index': index}
+        out = {**self._transform(image, sample, index), 'captions': caption, 'sample_index': index}
         if self.tokenizer is not None:
             out['input_ids'] = self.tokenizer(
                 caption,
@@ -167,6 +251,25 @@ class StreamingImageCaptionDataset(FaultTolerantStreamingDataset):
                 truncation=True,
                 return_tensors='pt',
             ).input_ids[0]
+        return out
+
+    def _transform(self, image: Image.Image, sample: dict[str, Any], index: int) -> dict[str, Any]:
+        if self._bucket is None and not self.micro_conditioning:
+            return {'image': self.transform(image).clamp_(-1.0, 1.0)}
+        height, width, generator = self.resolution, self.resolution, None
+        if self._bucket is not None:
+            height, width = self._bucket.height, self._bucket.width
+            seed = np.random.SeedSequence([self.shuffle_seed, self._bucket.epoch, index]).generate_state(1)[0]
+            generator = torch.Generator().manual_seed(int(seed))
+        pixels, top_left = resize_and_crop(image, height, width, self.crop, self.random_flip, generator)
+        out = {'image': pixels}
+        if self.micro_conditioning:
+            original = (sample.get('original_height'), sample.get('original_width'))
+            if not all(isinstance(side, (int, np.integer)) and side > 0 for side in original):
+                original = (image.height, image.width)
+            out['cond_original_size'] = torch.tensor(original, dtype=torch.long)
+            out['cond_crops_coords_top_left'] = torch.tensor(top_left, dtype=torch.long)
+            out['cond_target_size'] = torch.tensor((height, width), dtype=torch.long)
         return out
 
     def _pick_caption(self, sample: dict[str, Any], index: int) -> str:
@@ -205,8 +308,11 @@ def build_image_caption_dataloader(
     validate_hash: Optional[str] = AUTO,
     verify_local_shards: bool = True,
     max_replacement_tries: int = 100,
+    license_preset: Optional[str] = None,
     num_workers: int = 0,
     drop_last: bool = True,
+    aspect_buckets: Optional[Union[Sequence[Sequence[int]], dict[str, Any]]] = None,
+    micro_conditioning: bool = False,
     streaming_kwargs: Optional[dict[str, Any]] = None,
     dataloader_kwargs: Optional[dict[str, Any]] = None,
 ) -> DataLoader:
@@ -219,17 +325,24 @@ def build_image_caption_dataloader(
         batch_size (int): Global batch size, divided evenly across ranks.
         tokenizer (PreTrainedTokenizerBase, optional): Supplied by the trainer from the model.
         resolution, crop, random_flip, image_key, caption_key, caption_source, original_caption_key,
-            original_caption_prob, caption_seed: See :class:`StreamingImageCaptionDataset`.
+            original_caption_prob, caption_seed, micro_conditioning: See :class:`StreamingImageCaptionDataset`.
         shuffle (bool): Shuffle samples (deterministic for ``shuffle_seed``). Default: ``True``.
-        shuffle_seed (int): Seed of the shuffle. Default: ``9176``.
-        validate_hash, verify_local_shards, max_replacement_tries: See
+        shuffle_seed (int): Seed of the shuffle (and, with ``aspect_buckets``, of random crops). Default: ``9176``.
+        validate_hash, verify_local_shards, max_replacement_tries, license_preset: See
             :class:`~diffusion.data.faults.FaultTolerantStreamingDataset`.
         num_workers (int): DataLoader worker processes. Default: ``0``.
-        drop_last (bool): Drop the last incomplete batch. Default: ``True``.
+        drop_last (bool): Drop the last incomplete batch. Default: ``True``. No effect with ``aspect_buckets``,
+            which train every sample once per epoch.
+        aspect_buckets (list | dict, optional): ``[[height, width], ...]`` (height first; multiples of 8) or
+            ``{resolution: 1024, step: 64, max_ratio: 2.0}`` for
+            :func:`~diffusion.data.aspect_buckets.buckets_for`. Each sample is cropped to its nearest bucket and
+            each batch is one bucket (:mod:`diffusion.data.aspect_buckets`); ``resolution`` is then unused.
+            Default: ``None`` (square ``resolution`` crops).
         streaming_kwargs (dict, optional): More ``StreamingDataset`` arguments (``download_retry``, ...).
         dataloader_kwargs (dict, optional): More ``DataLoader`` arguments (``prefetch_factor``, ...).
     """
     device_batch_size = per_rank_batch_size(batch_size)
+    buckets = resolve_buckets(aspect_buckets) if aspect_buckets is not None else None  # checked before any I/O
     remote, local = resolve_source(remote, local)
     dataset = StreamingImageCaptionDataset(
         remote=remote,
@@ -249,10 +362,21 @@ def build_image_caption_dataloader(
         validate_hash=validate_hash,
         verify_local_shards=verify_local_shards,
         max_replacement_tries=max_replacement_tries,
+        license_preset=license_preset,
+        micro_conditioning=micro_conditioning,
         batch_size=device_batch_size,
         **(streaming_kwargs or {}),
     )
-    return streaming_dataloader(dataset, device_batch_size, num_workers, drop_last, dataloader_kwargs)
+    if buckets is None:
+        return streaming_dataloader(dataset, device_batch_size, num_workers, drop_last, dataloader_kwargs)
+    sampler = AspectBucketSampler(
+        read_sample_sizes(dataset, image_key), buckets, device_batch_size, seed=shuffle_seed, shuffle=shuffle
+    )
+    dataloader_kwargs = dict(dataloader_kwargs or {})
+    if num_workers > 0:
+        dataloader_kwargs.setdefault('persistent_workers', True)
+    dataloader_kwargs.setdefault('pin_memory', torch.cuda.is_available())
+    return BucketedDataLoader(dataset, sampler, num_workers=num_workers, **dataloader_kwargs)
 
 
 def per_rank_batch_size(batch_size: int) -> int:
