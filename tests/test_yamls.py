@@ -7,7 +7,7 @@ import pytest
 
 from diffusion.config import load_config
 from diffusion.train import build_trainer
-from tests.conftest import REPO_ROOT, TEST_MODEL_OVERRIDES, TINY_YAML, tiny_config
+from tests.conftest import REPO_ROOT, TEST_MODEL_OVERRIDES, TEST_XL_MODEL_OVERRIDES, TINY_YAML, tiny_config
 
 YAMLS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO_ROOT, 'yamls', '*.yaml')))
 TEST_VAE = ('+model.vae_config={block_out_channels:[8,16],down_block_types:[DownEncoderBlock2D,DownEncoderBlock2D],'
@@ -23,7 +23,18 @@ SUBSTITUTES = {
                            '~model.pretrained_model_name_or_path', '~model.pretrained_components',
                            '~train_dataloader.local', 'train_dataloader.batch_size=4', 'precision=fp32',
                            'autoresume=false'],
-}  # fmt: skip
+}
+SUBSTITUTES['commoncanvas_s_c.yaml'] = SUBSTITUTES['sd2_base_fsdp.yaml']
+SUBSTITUTES['commoncanvas_s_nc.yaml'] = SUBSTITUTES['commoncanvas_s_c.yaml']
+SUBSTITUTES['sdxl_base_fsdp.yaml'] = [*TEST_XL_MODEL_OVERRIDES, '~model.pretrained_model_name_or_path',
+                                      '~model.pretrained_components', '~train_dataloader.local',
+                                      'train_dataloader.batch_size=4', 'train_dataloader.aspect_buckets=[[16,16]]',
+                                      'precision=fp32', 'autoresume=false']
+# The synthetic data mix NC licenses in, which the size scan of the buckets would read: the guard has its own test.
+SUBSTITUTES['commoncanvas_xl_c.yaml'] = [*SUBSTITUTES['sdxl_base_fsdp.yaml'], '~train_dataloader.license_preset']
+SUBSTITUTES['commoncanvas_xl_nc.yaml'] = SUBSTITUTES['commoncanvas_xl_c.yaml']
+SUBSTITUTES['tiny_sdxl_cpu.yaml'] = [*TEST_XL_MODEL_OVERRIDES, 'train_dataloader.aspect_buckets=[[16,16],[16,24]]']
+# fmt: skip
 
 
 def test_every_yaml_has_build_substitutes():

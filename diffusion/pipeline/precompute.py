@@ -7,6 +7,8 @@ the short side, center crop; random crops and flips cannot be precomputed). The 
 SD VAE overflows in fp16, and low-precision latents differ from on-the-fly ones); the stored dtype is a separate
 choice. What is stored is the posterior's unscaled mean and std (``--store moments``, the default, so training
 still samples a fresh latent each epoch) or one unscaled sample; the model applies the scaling factor, once.
+For an SDXL model the pooled text embedding of the second encoder and the size/crop micro-conditioning of the
+center crop (``cond_original_size``, ``cond_crops_coords_top_left``, ``cond_target_size``) are stored too.
 
 This is a separate job that writes shards, on any number of ranks (``composer -n 8 -m diffusion.pipeline
 precompute ...``, one GPU each) and resumable like every stage; never an in-memory cache inside training.
@@ -17,14 +19,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 
-from diffusion.data.image_caption import decode_image, image_transform
-from diffusion.data.latents import STORAGE_DTYPES, to_stored
+from diffusion.data.image_caption import decode_image, image_transform, resize_and_crop
+from diffusion.data.latents import MICRO_CONDITIONING_COLUMNS, STORAGE_DTYPES, to_stored
 from diffusion.pipeline.runner import StageRunner, rank_info
 from diffusion.pipeline.shards import SIDE_COLUMNS, InputDataset, require_input
 
-__all__ = ['PrecomputeOptions', 'encode_batch', 'precompute_latents']
+__all__ = ['PrecomputeOptions', 'encode_batch', 'micro_conditioning', 'precompute_latents']
 
 STORES = ('moments', 'sample')
 
@@ -78,8 +81,29 @@ def encode_batch(
 
 def _latent_columns(options: PrecomputeOptions, carried: dict[str, str], model: Any) -> dict[str, str]:
     tensors = ('image_latents_mean', 'image_latents_std') if options.store == 'moments' else ('image_latents',)
-    text = tuple(model.text_embeddings(['']))  # text_embeds, and pooled_text_embeds for SDXL
-    return {**carried, **dict.fromkeys((*tensors, *text), 'ndarray'), 'latents_dtype': 'str'}
+    with torch.no_grad():
+        text = tuple(model.text_embeddings(['']))  # text_embeds, and pooled_text_embeds for SDXL
+    conditioning = MICRO_CONDITIONING_COLUMNS if _micro_conditioned(model) else ()
+    return {**carried, **dict.fromkeys((*tensors, *text, *conditioning), 'ndarray'), 'latents_dtype': 'str'}
+
+
+def _micro_conditioned(model: Any) -> bool:
+    """Whether the model's UNet takes SDXL's size and crop conditioning."""
+    return getattr(model.unet.config, 'addition_embed_type', None) == 'text_time'
+
+
+def micro_conditioning(sample: dict[str, Any], decoded_size: tuple[int, int], top_left: tuple[int, int], size: int):
+    """SDXL's conditioning columns for a sample center-cropped to ``size``: the original size (the
+    ``original_height``/``original_width`` columns when positive, else the decoded image's (height, width)), the
+    crop's (top, left) in the resized image and the target size, as int64 arrays."""
+    original = (int(sample.get('original_height') or 0), int(sample.get('original_width') or 0))
+    if min(original) <= 0:
+        original = decoded_size
+    return {
+        'cond_original_size': np.asarray(original, dtype=np.int64),
+        'cond_crops_coords_top_left': np.asarray(top_left, dtype=np.int64),
+        'cond_target_size': np.asarray((size, size), dtype=np.int64),
+    }
 
 
 def _build_model(config: str, overrides: Sequence[str], encode_dtype: str) -> Any:
@@ -133,6 +157,7 @@ def precompute_latents(
     runner.columns = _latent_columns(options, carried, model)
     runner.side_columns = tuple(c for c in SIDE_COLUMNS if c in carried)
     transform = image_transform(options.resolution, crop='center')
+    conditioned = _micro_conditioned(model)
 
     def process(unit: int) -> Iterator[dict[str, Any]]:
         device = model.vae.device
@@ -142,12 +167,24 @@ def precompute_latents(
             if sample is not None:
                 batch.append(sample)
             if batch and (sample is None or len(batch) == options.batch_size):
-                images = torch.stack([transform(decode_image(s['image'])) for s in batch]).to(device)
+                pixels, conditioning = [], []
+                for s in batch:
+                    image = decode_image(s['image'])
+                    if conditioned:  # the crop is recorded, so it is taken by the function that reports it
+                        tensor, top_left = resize_and_crop(image, options.resolution, options.resolution, 'center')
+                        conditioning.append(
+                            micro_conditioning(s, (image.height, image.width), top_left, options.resolution)
+                        )
+                    else:
+                        tensor = transform(image)
+                    pixels.append(tensor)
+                images = torch.stack(pixels).to(device)
                 encoded = encode_batch(model, images, [s[options.caption_column] for s in batch], options, generator)
                 for row, sample_in in enumerate(batch):
                     kept = {name: sample_in[name] for name in carried}
                     tensors = {name: to_stored(value[row], options.latents_dtype) for name, value in encoded.items()}
-                    yield {**kept, **tensors, 'latents_dtype': options.latents_dtype}
+                    extra = conditioning[row] if conditioned else {}
+                    yield {**kept, **tensors, **extra, 'latents_dtype': options.latents_dtype}
                 batch = []
 
     runner.run(len(dataset), process)

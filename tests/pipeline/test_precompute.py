@@ -132,3 +132,43 @@ def test_two_ranks_precompute_what_one_does(synthetic_dataset, tmp_path):
     for index in (0, 31, 64, 127):
         assert torch.equal(a[index]['image_latents'], b[index]['image_latents'])
         assert torch.equal(a[index]['text_embeds'], b[index]['text_embeds'])
+
+
+def test_sdxl_latents_store_both_encoders_pooled_and_size_conditioning(synthetic_dataset, tmp_path):
+    """SDXL precompute: context of both encoders, pooled embedding and the center crop's micro-conditioning, and
+    training from them gives the loss of training from the images with the same conditioning."""
+    from composer.utils import reproducibility
+
+    from diffusion.data.image_caption import decode_image, resize_and_crop
+    from tests.conftest import TEST_XL_MODEL_OVERRIDES, TINY_XL_YAML
+
+    out = str(tmp_path / 'xl')
+    main(['precompute', '--input', synthetic_dataset, '--out', out, '--config', TINY_XL_YAML, '--resolution', '16',
+          '--batch-size', '16', '--no-progress', '--latents-dtype', 'float32',
+          '--override', *TEST_XL_MODEL_OVERRIDES])  # fmt: skip
+    stored = StreamingLatentDataset(local=out)
+    sample = stored[3]
+    assert sample['text_embeds'].shape == (77, 32) and sample['pooled_text_embeds'].shape == (16,)
+    images = StreamingImageCaptionDataset(local=synthetic_dataset, resolution=16, crop='center')
+    raw = images.get_item(3)
+    decoded = decode_image(raw['image'])
+    # The synthetic images are squares with no original-size columns: original = decoded size, crop at 0, 0.
+    assert sample['cond_original_size'].tolist() == [decoded.height, decoded.width] and decoded.height > 16
+    assert sample['cond_crops_coords_top_left'].tolist() == [0, 0]
+    assert sample['cond_target_size'].tolist() == [16, 16]
+
+    cfg = load_config(TINY_XL_YAML, TEST_XL_MODEL_OVERRIDES)
+    reproducibility.seed_all(cfg.seed)
+    model = build_model(cfg.model).eval()
+    pixels, top_left = resize_and_crop(decoded, 16, 16, 'center')
+    image_batch = {
+        'image': pixels[None],
+        'captions': [raw['caption']],
+        'cond_original_size': torch.tensor([[decoded.height, decoded.width]]),
+        'cond_crops_coords_top_left': torch.tensor([top_left]),
+        'cond_target_size': torch.tensor([[16, 16]]),
+    }
+    latent_batch = default_collate([sample])
+    with torch.no_grad():
+        from_images, from_latents = model.eval_forward(image_batch)[0], model.eval_forward(latent_batch)[0]
+    torch.testing.assert_close(from_images, from_latents, rtol=1e-5, atol=1e-5)

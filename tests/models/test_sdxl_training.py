@@ -1,0 +1,63 @@
+"""yamls/tiny_sdxl_cpu.yaml trains on CPU as users launch it: two processes, buckets, micro-conditioning, EMA."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+
+from diffusion.train import build_trainer
+from tests.conftest import TEST_XL_MODEL_OVERRIDES, TINY_XL_YAML, run_composer
+from tests.test_train import LossRecorder
+
+
+def xl_overrides(data: str, run_folder: str, *extra: str) -> list[str]:
+    return [
+        *TEST_XL_MODEL_OVERRIDES,
+        f'train_dataloader.remote={data}',
+        'train_dataloader.resolution=16',
+        'train_dataloader.aspect_buckets=[[16,16],[16,24],[24,16]]',
+        f'run_folder={run_folder}',
+        'progress_bar=false',
+        'callbacks.log_diffusion_images.num_inference_steps=2',
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_tiny_sdxl_yaml_trains_with_two_processes(synthetic_dataset, tmp_path):
+    run = str(tmp_path / 'run')
+    run_composer(
+        TINY_XL_YAML,
+        *xl_overrides(synthetic_dataset, run, 'max_duration=6ba', 'save_interval=3ba', 'algorithms.ema.ema_start=2ba'),
+        processes=2,
+    )
+    with open(os.path.join(run, 'log.txt')) as f:
+        losses = [float(v) for v in re.findall(r'loss/train/total: ([0-9.eE+-]+)', f.read())]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    checkpoints = os.listdir(os.path.join(run, 'checkpoints'))
+    assert {'ep0-ba3-rank0.pt', 'ep0-ba6-rank0.pt', 'ep0-ba6-rank0.pt.sha256'} <= set(checkpoints)
+    state = torch.load(os.path.join(run, 'checkpoints', 'ep0-ba6-rank0.pt'), weights_only=False)['state']
+    unet_keys = [k for k in state['model'] if k.startswith('unet.add_embedding')]
+    assert unet_keys, 'the text_time embedding of the SDXL UNet is in the checkpoint'
+    assert any(k.startswith('text_encoder_2.') for k in state['model'])
+    assert os.path.isfile(os.path.join(run, 'samples', 'batch_0000006.png'))
+
+
+@pytest.mark.slow
+def test_tiny_sdxl_learns_on_synthetic_data(synthetic_dataset, tmp_path):
+    from diffusion.config import load_config
+
+    overrides = xl_overrides(
+        synthetic_dataset, str(tmp_path), 'max_duration=40ba', 'optimizer.lr=2e-3', 'save_folder=null', '~algorithms'
+    )
+    overrides = [o for o in overrides if not o.startswith('callbacks.')] + ['~callbacks']
+    trainer = build_trainer(load_config(TINY_XL_YAML, overrides))
+    recorder = LossRecorder()
+    trainer.state.callbacks.append(recorder)
+    trainer.fit()
+    first, last = recorder.losses[:8], recorder.losses[-8:]
+    assert len(recorder.losses) == 40
+    assert sum(last) / 8 < 0.85 * sum(first) / 8, recorder.losses
