@@ -24,6 +24,9 @@ install_requires = [
     'pyarrow>=14',
     # Bar chart of the license mix in the provenance report.
     'matplotlib>=3.7',
+    # FID, KID and CLIP score (torchmetrics; InceptionV3 from torch-fidelity, weights read from a local file).
+    'torchmetrics>=1.7,<1.8',
+    'torch-fidelity==0.4.0',
     # The human preference study's local web app.
     'flask>=3.0,<4',
 ]

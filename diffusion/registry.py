@@ -135,6 +135,8 @@ callbacks.register_all(
         'runtime_estimator': composer_callbacks.RuntimeEstimator,
         'log_diffusion_images': our_callbacks.LogDiffusionImages,
         'prompt_following': our_callbacks.PromptFollowing,
+        # FID, KID and CLIP score of samples drawn on every rank at an interval (torchmetrics).
+        'image_metrics': our_callbacks.ImageMetrics,
         'sample_ledger': our_callbacks.SampleLedger,
         'save_pretrained': our_callbacks.SavePretrained,
     }

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffusion import registry
 from diffusion.checkpointing import CheckpointManifests, guard_checkpoint_loading
 from diffusion.config import validate_config
+from diffusion.inference.loading import RunConfigInCheckpoint
 from diffusion.parallelism import check_parallelism_config, resolve_parallelism
 
 __all__ = [
@@ -152,7 +153,7 @@ def build_trainer(cfg: Any) -> Trainer:
         optimizers=optimizer,
         schedulers=scheduler,
         algorithms=build_plugins('algorithms', cfg.algorithms),
-        callbacks=[*build_plugins('callbacks', cfg.callbacks), CheckpointManifests()],
+        callbacks=[*build_plugins('callbacks', cfg.callbacks), CheckpointManifests(), RunConfigInCheckpoint(cfg)],
         loggers=build_plugins('loggers', cfg.loggers),
         device=device,
         precision=cfg.precision,

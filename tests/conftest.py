@@ -17,6 +17,9 @@ from diffusion.models import tiny_stable_diffusion, tiny_stable_diffusion_xl
 
 # Tests build every model from configs or local folders: any attempt to reach a model hub is a bug.
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine running two test workers the
+# threads spin against each other: one thread per worker samples and trains tiny models many times faster.
+torch.set_num_threads(1)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_YAML = os.path.join(REPO_ROOT, 'yamls', 'tiny_sd_cpu.yaml')

@@ -1,9 +1,11 @@
-"""Composer callbacks: image logging, prompt-following evaluation, sample ledger, component export, NaN guard."""
+"""Composer callbacks: image logging, prompt-following and image-metric (FID, KID, CLIP score) evaluation, sample
+ledger, component export, NaN guard."""
 
+from diffusion.callbacks.image_metrics import ImageMetrics
 from diffusion.callbacks.log_diffusion_images import LogDiffusionImages
 from diffusion.callbacks.nan_guard import NaNGuard
 from diffusion.callbacks.prompt_following import PromptFollowing
 from diffusion.callbacks.sample_ledger import SampleLedger
 from diffusion.callbacks.save_pretrained import SavePretrained
 
-__all__ = ['LogDiffusionImages', 'NaNGuard', 'PromptFollowing', 'SampleLedger', 'SavePretrained']
+__all__ = ['ImageMetrics', 'LogDiffusionImages', 'NaNGuard', 'PromptFollowing', 'SampleLedger', 'SavePretrained']

@@ -430,12 +430,14 @@ def browser():
 
 def vote_in_browser(driver, key_for):
     """Reads which side is red, presses ``key_for(red_side)``, waits for the next page; returns (pair, red side)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    pair_id = driver.find_element(By.ID, 'pair').get_attribute('data-pair-id')
-    wait = WebDriverWait(driver, 15)
+    # A page may still be loading (after the login form, or the previous vote): read it once it is there.
+    wait = WebDriverWait(driver, 15, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))
+    pair_id = wait.until(lambda d: d.find_element(By.ID, 'pair').get_attribute('data-pair-id'))
     left, right = (
         wait.until(lambda d, slot=slot: d.execute_script(PIXEL_JS, slot)) for slot in ('left-image', 'right-image')
     )

@@ -19,15 +19,6 @@ def tiny_blip2(tmp_path_factory) -> str:
     return save_tiny_blip2(str(tmp_path_factory.mktemp('tiny_blip2')))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny model gains nothing from intra-op threads, and on a busy machine they spin and slow the tests down.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def images() -> list[Image.Image]:
     photos = [Image.fromarray(a) for a in load_sample_images().images]  # two real 427x640 photos

@@ -1,0 +1,141 @@
+"""Export a trained model: ``python -m diffusion.inference.export --checkpoint ... --out dir/``.
+
+Writes a diffusers pipeline folder (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``, whatever the
+model's ``pipeline()`` returns) with diffusers' ``save_pretrained(safe_serialization=True)``, so every weight file
+is safetensors and nothing is pickled; the EMA weights when the checkpoint has them (see
+:mod:`diffusion.inference.loading`). On request it also writes the single-file checkpoint in the original layout
+that ComfyUI and similar tools load (:mod:`diffusion.inference.single_file`), and always the model card
+(:mod:`diffusion.inference.model_card`) with the training data's license mix and a link to its attribution manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import os
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from diffusion.inference.model_card import write_model_card
+from diffusion.inference.single_file import save_single_file
+
+__all__ = ['DTYPES', 'PICKLE_SUFFIXES', 'export_model', 'main']
+
+DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.ckpt', '.pkl', '.pickle')
+
+
+def _cast(pipeline: Any, dtype: torch.dtype) -> Any:
+    """A pipeline of the same class whose networks are ``dtype`` copies; the model's own modules stay untouched."""
+    components = dict(pipeline.components)
+    for name, component in components.items():
+        if isinstance(component, nn.Module) and any(p.dtype != dtype for p in component.parameters()):
+            components[name] = copy.deepcopy(component).to(dtype)
+    accepted = inspect.signature(type(pipeline)).parameters
+    # Flags of the constructor that the pipeline keeps in its config (requires_safety_checker, SDXL's
+    # force_zeros_for_empty_prompt), so that the copy is configured as the original.
+    flags = {k: pipeline.config[k] for k in accepted if k not in components and k in pipeline.config}
+    return type(pipeline)(**components, **flags)
+
+
+def _single_file_path(single_file: str, out_dir: str) -> str:
+    # A bare file name goes into the export folder, beside the pipeline it was made from.
+    return single_file if os.path.dirname(single_file) else os.path.join(out_dir, single_file)
+
+
+def export_model(
+    model: Any,
+    out_dir: str,
+    *,
+    dtype: str = 'fp32',
+    single_file: Optional[str] = None,
+    model_card: bool = True,
+    **card_kwargs: Any,
+) -> dict[str, str]:
+    """Write ``model`` as a diffusers pipeline folder, optionally a single-file checkpoint, and its model card.
+
+    Args:
+        model: A model with ``pipeline()`` (e.g. :class:`~diffusion.models.StableDiffusion`); not modified.
+        out_dir (str): The pipeline folder (created; files of an earlier export are overwritten).
+        dtype (str): Weight type of the export: ``'fp32'``, ``'fp16'`` or ``'bf16'``. Default: ``'fp32'``.
+        single_file (str, optional): Also write the single-file safetensors checkpoint here; a bare file name
+            is put in ``out_dir``.
+        model_card (bool): Write ``README.md``. Default: ``True``.
+        **card_kwargs: Passed to :func:`~diffusion.inference.model_card.write_model_card` (``config``,
+            ``provenance``, ``attribution_url``, ``weights``, ``batch``, ``name``).
+
+    Returns:
+        dict[str, str]: Paths written: ``pipeline`` (the folder), and ``single_file`` and ``model_card`` when written.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f'Unknown dtype {dtype!r}. Valid values: {", ".join(DTYPES)}.')
+    if not hasattr(model, 'pipeline'):
+        raise TypeError(f'{type(model).__name__} has no pipeline(); only diffusion models can be exported.')
+    pipeline = _cast(model.pipeline(), DTYPES[dtype])
+    os.makedirs(out_dir, exist_ok=True)
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    pickles = [
+        os.path.join(root, name)
+        for root, _, names in os.walk(out_dir)
+        for name in names
+        if name.endswith(PICKLE_SUFFIXES)
+    ]
+    if pickles:
+        raise RuntimeError(f'The export folder holds pickled weights, which it must not: {pickles}')
+    written = {'pipeline': out_dir}
+    if single_file:
+        path = _single_file_path(single_file, out_dir)
+        metadata = {'pipeline': type(pipeline).__name__, 'dtype': dtype}
+        written['single_file'] = save_single_file(pipeline, path, metadata=metadata)
+    if model_card:
+        single_name = os.path.basename(written['single_file']) if single_file else None
+        written['model_card'] = write_model_card(model, out_dir, single_file=single_name, dtype=dtype, **card_kwargs)
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='python -m diffusion.inference.export', description=__doc__.splitlines()[0])
+    parser.add_argument('--checkpoint', required=True, help='Composer checkpoint (path or URI) or diffusers folder.')
+    parser.add_argument('--config', help='Training yaml, when the checkpoint embeds none and has no run config.yaml.')
+    parser.add_argument('--out', required=True, help='Output folder for the diffusers pipeline and README.md.')
+    parser.add_argument('--single-file', help='Also write this single-file .safetensors (ComfyUI, A1111).')
+    parser.add_argument('--no-ema', action='store_true', help='Export the training weights even if EMA exists.')
+    parser.add_argument('--provenance', help='provenance.json of the training data (default: beside the data).')
+    parser.add_argument('--attribution-url', help='Public URL of the attribution manifest, linked in the card.')
+    parser.add_argument('--name', help='Model name in the card (default: the run name).')
+    parser.add_argument('--dtype', choices=list(DTYPES), default='fp32')
+    parser.add_argument('--device', default='cpu')
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, str]:
+    """Command line; see ``--help``."""
+    from diffusion.inference.loading import load_checkpoint
+
+    args = build_parser().parse_args(argv)
+    if args.provenance is not None and not os.path.isfile(args.provenance):
+        raise SystemExit(f'error: --provenance {args.provenance} does not exist')
+    loaded = load_checkpoint(args.checkpoint, args.config, use_ema=not args.no_ema, device=args.device)
+    print(f'Loaded {loaded.describe()}')
+    written = export_model(
+        loaded.model,
+        args.out,
+        dtype=args.dtype,
+        single_file=args.single_file,
+        config=loaded.config,
+        provenance=args.provenance,
+        attribution_url=args.attribution_url,
+        weights=loaded.weights,
+        batch=loaded.batch,
+        name=args.name,
+    )
+    for what, path in written.items():
+        print(f'{what}: {path}')
+    return written
+
+
+if __name__ == '__main__':
+    main()
