@@ -15,21 +15,37 @@ TEST_VAE = ('+model.vae_config={block_out_channels:[8,16],down_block_types:[Down
 # What each yaml needs to build here: test-size models, the test data, no hub downloads, CPU precision.
 SUBSTITUTES = {
     'demo_autoencoder.yaml': [TEST_VAE],
-    'demo.yaml': [*TEST_MODEL_OVERRIDES, '~model.pretrained_model_name_or_path', '~model.pretrained_components',
-                  'eval_dataloader.remote={data}'],
+    'demo.yaml': [
+        *TEST_MODEL_OVERRIDES,
+        '~model.pretrained_model_name_or_path',
+        '~model.pretrained_components',
+        'eval_dataloader.remote={data}',
+    ],
     'tiny_sd_cpu.yaml': TEST_MODEL_OVERRIDES,
     'tiny_sd_latents_cpu.yaml': TEST_MODEL_OVERRIDES,
-    'sd2_base_fsdp.yaml': ['model.name=tiny_stable_diffusion', *TEST_MODEL_OVERRIDES,
-                           '~model.pretrained_model_name_or_path', '~model.pretrained_components',
-                           '~train_dataloader.local', 'train_dataloader.batch_size=4', 'precision=fp32',
-                           'autoresume=false'],
+    'sd2_base_fsdp.yaml': [
+        'model.name=tiny_stable_diffusion',
+        *TEST_MODEL_OVERRIDES,
+        '~model.pretrained_model_name_or_path',
+        '~model.pretrained_components',
+        '~train_dataloader.local',
+        'train_dataloader.batch_size=4',
+        'precision=fp32',
+        'autoresume=false',
+    ],
 }
 SUBSTITUTES['commoncanvas_s_c.yaml'] = SUBSTITUTES['sd2_base_fsdp.yaml']
 SUBSTITUTES['commoncanvas_s_nc.yaml'] = SUBSTITUTES['commoncanvas_s_c.yaml']
-SUBSTITUTES['sdxl_base_fsdp.yaml'] = [*TEST_XL_MODEL_OVERRIDES, '~model.pretrained_model_name_or_path',
-                                      '~model.pretrained_components', '~train_dataloader.local',
-                                      'train_dataloader.batch_size=4', 'train_dataloader.aspect_buckets=[[16,16]]',
-                                      'precision=fp32', 'autoresume=false']
+SUBSTITUTES['sdxl_base_fsdp.yaml'] = [
+    *TEST_XL_MODEL_OVERRIDES,
+    '~model.pretrained_model_name_or_path',
+    '~model.pretrained_components',
+    '~train_dataloader.local',
+    'train_dataloader.batch_size=4',
+    'train_dataloader.aspect_buckets=[[16,16]]',
+    'precision=fp32',
+    'autoresume=false',
+]
 # The synthetic data mix NC licenses in, which the size scan of the buckets would read: the guard has its own test.
 SUBSTITUTES['commoncanvas_xl_c.yaml'] = [*SUBSTITUTES['sdxl_base_fsdp.yaml'], '~train_dataloader.license_preset']
 SUBSTITUTES['commoncanvas_xl_nc.yaml'] = SUBSTITUTES['commoncanvas_xl_c.yaml']
