@@ -175,6 +175,11 @@ class FaultTolerantStreamingDataset(StreamingDataset):
             with self._cache_filelock:
                 self._shard_states[shard_id] = _ShardState.REMOTE
             self._shard_error = failure
+            iterator = getattr(self, '_iterator', None)
+            if not blocking and iterator is not None:
+                # A background (prepare or ready) thread dies here without telling streaming's iterator that it
+                # exited, and the iterator's exit() would then wait for it forever once the epoch's loop ends.
+                iterator.on_exit()
             raise failure from error
 
     def __iter__(self):
