@@ -66,38 +66,38 @@ def _elements(license_id: str) -> set[str]:
     return set(license_id.upper().replace('.', '-').split('-'))
 
 
+# License element -> the obligation it brings, with ``{share}`` for how many training images carry it.
+_OBLIGATIONS = (
+    (
+        'BY',
+        '**Attribution (CC BY):** {share} are under licenses that require crediting their authors. Distribute the '
+        'attribution manifest with the model and keep this card with it.',
+    ),
+    (
+        'NC',
+        '**Non-commercial (NC):** {share} are under non-commercial licenses; the model inherits the restriction and '
+        'must not be used for commercial purposes.',
+    ),
+    (
+        'SA',
+        '**ShareAlike (SA):** {share} are under ShareAlike licenses; whether the model is an adaptation that must be '
+        'shared under the same terms is unsettled: have it reviewed before release.',
+    ),
+    (
+        'ND',
+        '**NoDerivatives (ND):** {share} forbid sharing adaptations; have it reviewed before releasing the model.',
+    ),
+)
+
+
 def license_obligations(licenses: dict[str, int]) -> list[str]:
     """What users of a model trained on ``licenses`` must do, one sentence per obligation."""
     total = sum(licenses.values())
-
-    def share(predicate) -> tuple[int, str]:
-        count = sum(n for lic, n in licenses.items() if predicate(_elements(lic)))
-        return count, f'{count:,} of {total:,} images ({100 * count / max(total, 1):.1f}%)'
-
     lines = []
-    count, text = share(lambda e: 'BY' in e)
-    if count:
-        lines.append(
-            f'**Attribution (CC BY):** {text} are under licenses that require crediting their authors. Distribute '
-            'the attribution manifest with the model and keep this card with it.'
-        )
-    count, text = share(lambda e: 'NC' in e)
-    if count:
-        lines.append(
-            f'**Non-commercial (NC):** {text} are under non-commercial licenses; the model inherits the '
-            'restriction and must not be used for commercial purposes.'
-        )
-    count, text = share(lambda e: 'SA' in e)
-    if count:
-        lines.append(
-            f'**ShareAlike (SA):** {text} are under ShareAlike licenses; whether the model is an adaptation that must '
-            'be shared under the same terms is unsettled: have it reviewed before release.'
-        )
-    count, text = share(lambda e: 'ND' in e)
-    if count:
-        lines.append(
-            f'**NoDerivatives (ND):** {text} forbid sharing adaptations; have it reviewed before releasing the model.'
-        )
+    for element, sentence in _OBLIGATIONS:
+        count = sum(n for lic, n in licenses.items() if element in _elements(lic))
+        if count:
+            lines.append(sentence.format(share=f'{count:,} of {total:,} images ({100 * count / max(total, 1):.1f}%)'))
     if not lines:
         lines.append('The training images are public domain or CC0: no attribution or use restriction applies.')
     return lines
