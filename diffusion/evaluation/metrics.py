@@ -292,9 +292,13 @@ class _OrderedKID(KernelInceptionDistance):
         return stacked.mean(), stacked.std(unbiased=False)
 
     def reset(self) -> None:
-        kept = self.real_features, self.real_order
-        Metric.reset(self)
-        self.real_features, self.real_order = kept
+        # Metric.reset empties list states in place (list.clear), so the reference states are left out of it
+        # rather than kept by reference; torchmetrics' own KID does the same for its single real state.
+        kept = {name: self._defaults.pop(name) for name in ('real_features', 'real_order')}
+        try:
+            Metric.reset(self)
+        finally:
+            self._defaults.update(kept)
 
 
 class _ImageCounts(Metric):

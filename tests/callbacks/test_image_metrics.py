@@ -75,6 +75,19 @@ def test_logged_metrics_equal_the_standalone_command_on_the_saved_images(assets,
     assert result['fid'] == pytest.approx(numpy_fid(extract(reference), extract(generated)), rel=1e-6)
 
 
+def test_a_second_evaluation_keeps_the_reference_features(assets, tmp_path):
+    """Reference features are extracted once and kept for later evaluations: the same weights evaluated again give
+    the same FID, KID and CLIP score (KID's reference list used to be emptied by the first reset)."""
+    from tests.callbacks.image_metrics_worker import harness
+
+    first, _, callback = evaluate_tiny(assets, str(tmp_path / 'first'))
+    assert callback.metrics.kid is not None and first['num_reference'] == 7
+    torch.manual_seed(0)  # the same weights as evaluate_tiny's model
+    state, logger, _ = harness(build_tiny_sd())
+    second = callback.evaluate(state, logger)
+    assert second == first
+
+
 @pytest.mark.slow
 @pytest.mark.world_size(2)
 def test_two_ranks_give_the_values_and_images_of_one(assets, tmp_path):
