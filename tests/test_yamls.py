@@ -50,6 +50,7 @@ SUBSTITUTES['sdxl_base_fsdp.yaml'] = [
 SUBSTITUTES['commoncanvas_xl_c.yaml'] = [*SUBSTITUTES['sdxl_base_fsdp.yaml'], '~train_dataloader.license_preset']
 SUBSTITUTES['commoncanvas_xl_nc.yaml'] = SUBSTITUTES['commoncanvas_xl_c.yaml']
 SUBSTITUTES['tiny_sdxl_cpu.yaml'] = [*TEST_XL_MODEL_OVERRIDES, 'train_dataloader.aspect_buckets=[[16,16],[16,24]]']
+SUBSTITUTES['tiny_sdxl_latents_cpu.yaml'] = TEST_XL_MODEL_OVERRIDES
 # fmt: skip
 
 
@@ -65,10 +66,11 @@ def test_every_yaml_builds_a_trainer(name, synthetic_dataset, tmp_path):
     cfg = load_config(path)
     data = synthetic_dataset
     if cfg.train_dataloader.name == 'latents':
+        from tests.models.test_sdxl_training import precompute_sdxl
         from tests.pipeline.test_precompute import precompute
 
         data = str(tmp_path / 'latents')
-        precompute(synthetic_dataset, data)
+        (precompute_sdxl if 'sdxl' in cfg.model.name else precompute)(synthetic_dataset, data)
     overrides = [o.replace('{data}', data) for o in SUBSTITUTES[name]]
     overrides += [f'train_dataloader.remote={data}', f'run_folder={tmp_path}/run', 'save_folder=null']
     if 'resolution' in cfg.train_dataloader:

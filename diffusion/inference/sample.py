@@ -29,11 +29,22 @@ __all__ = ['CONTACT_SHEET', 'SAMPLES_FILE', 'image_filename', 'main', 'sample_to
 SAMPLES_FILE = 'samples.jsonl'
 CONTACT_SHEET = 'contact_sheet.png'
 # Settings that decide an image's pixels besides its prompt and seed: a row that differs in one is redone.
-_SETTINGS = ('prompt', 'negative_prompt', 'guidance_scale', 'num_inference_steps', 'scheduler', 'height', 'width')
+_SETTINGS = (
+    'prompt',
+    'negative_prompt',
+    'guidance_scale',
+    'num_inference_steps',
+    'scheduler',
+    'height',
+    'width',
+    'conditioning',
+)
 # A contact sheet of thousands of prompts would be gigapixels: it shows the first rows at a bounded cell size.
 MAX_SHEET_ROWS = 64
 MAX_SHEET_CELL = 256
 MIN_SHEET_CELL = 128  # tiny images are enlarged (nearest neighbour) so that the captions stay readable
+# generate()'s SDXL micro-conditioning arguments, which the CLI takes as --original-size and so on.
+CONDITIONING_FLAGS = ('original_size', 'crops_coords_top_left', 'target_size')
 
 
 def image_filename(prompt_index: int, seed: int) -> str:
@@ -103,6 +114,7 @@ def sample_to_folder(
     contact_sheet: bool = True,
     progress: bool = True,
     seed_per_prompt: bool = False,
+    conditioning: Optional[dict[str, Sequence[int]]] = None,
 ) -> list[dict]:
     """Draw one image per (prompt, seed) into ``out_dir``; resumable.
 
@@ -124,11 +136,14 @@ def sample_to_folder(
         seed_per_prompt (bool): Offset each seed by the prompt's index (prompt ``i`` gets seeds ``s + i``), so that
             no two prompts start from the same noise: what FID needs, and what the ``image_metrics`` callback draws.
             Default: ``False``.
+        conditioning (dict, optional): SDXL's micro-conditioning for every image, any of ``original_size``,
+            ``crops_coords_top_left`` and ``target_size`` (each ``(height, width)`` / ``(top, left)``); sizes
+            default to the image size. Recorded in each row as ``conditioning``. Default: ``None``.
 
     Returns:
         list[dict]: One row per image, in (prompt, seed) order, as written to ``samples.jsonl``: ``file``,
         ``prompt_index``, ``prompt``, ``seed``, ``negative_prompt``, ``guidance_scale``, ``num_inference_steps``,
-        ``scheduler``, ``height``, ``width``.
+        ``scheduler``, ``height``, ``width`` (and ``conditioning`` when given).
     """
     scheduler = scheduler or model.inference_scheduler
     seeds = [int(s) for s in seeds]
@@ -139,6 +154,7 @@ def sample_to_folder(
     ledger = os.path.join(out_dir, SAMPLES_FILE)
     previous = _read_rows(ledger)
 
+    conditioning = {name: [int(v) for v in value] for name, value in (conditioning or {}).items()}
     rows = []
     for index, prompt in enumerate(prompts):
         for seed in seeds:
@@ -155,12 +171,13 @@ def sample_to_folder(
                     'scheduler': scheduler,
                     'height': height,
                     'width': width,
+                    **({'conditioning': conditioning} if conditioning else {}),
                 }
             )
 
     def done(row: dict) -> bool:
         old = previous.get(row['file'])
-        same = old is not None and all(old.get(key) == row[key] for key in _SETTINGS)
+        same = old is not None and all(old.get(key) == row.get(key) for key in _SETTINGS)
         return same and os.path.exists(os.path.join(out_dir, row['file']))
 
     todo = [row for row in rows if not done(row)]
@@ -177,6 +194,7 @@ def sample_to_folder(
                 height=height,
                 width=width,
                 scheduler=scheduler,
+                **conditioning,
             )
             for row, image in zip(batch, images):
                 _save_png(image, os.path.join(out_dir, row['file']))
@@ -263,6 +281,23 @@ def _positive(value: str) -> int:
     return number
 
 
+def _non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f'must be at least 0, got {number}')
+    return number
+
+
+def _conditioning(args: argparse.Namespace, model: Any) -> dict[str, list[int]]:
+    from diffusion.models import StableDiffusionXL
+
+    given = {name: getattr(args, name) for name in CONDITIONING_FLAGS if getattr(args, name) is not None}
+    if given and not isinstance(model, StableDiffusionXL):
+        flags = ', '.join('--' + name.replace('_', '-') for name in given)
+        raise SystemExit(f'error: {flags} apply to SDXL models only; {type(model).__name__} has no micro-conditioning')
+    return given
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='python -m diffusion.inference.sample', description=__doc__.splitlines()[0])
     parser.add_argument('--checkpoint', required=True, help='Composer checkpoint (path or URI) or diffusers folder.')
@@ -284,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--steps', type=_positive, default=50, help='Sampler steps.')
     parser.add_argument('--height', type=_positive)
     parser.add_argument('--width', type=_positive)
+    sdxl = parser.add_argument_group('SDXL micro-conditioning (default: the image size, crop at 0 0)')
+    sdxl.add_argument('--original-size', type=_positive, nargs=2, metavar=('HEIGHT', 'WIDTH'))
+    sdxl.add_argument('--crops-coords-top-left', type=_non_negative, nargs=2, metavar=('TOP', 'LEFT'))
+    sdxl.add_argument('--target-size', type=_positive, nargs=2, metavar=('HEIGHT', 'WIDTH'))
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--no-ema', action='store_true', help='Use the training weights even if EMA weights exist.')
     parser.add_argument('--no-contact-sheet', action='store_true')
@@ -300,6 +339,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     prompts = load_prompt_set(args.prompts, category=args.category, limit=args.limit)
     loaded = load_checkpoint(args.checkpoint, args.config, use_ema=not args.no_ema, device=args.device)
     print(f'Loaded {loaded.describe()}')
+    conditioning = _conditioning(args, loaded.model)
     rows = sample_to_folder(
         loaded.model,
         prompts,
@@ -314,6 +354,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         scheduler=args.scheduler,
         negative_prompt=args.negative_prompt,
         contact_sheet=not args.no_contact_sheet,
+        conditioning=conditioning,
     )
     print(f'{len(rows)} images ({len(prompts)} prompts x {len(seeds)} seeds) in {args.out}')
     return rows

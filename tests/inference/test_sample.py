@@ -151,3 +151,44 @@ def test_seed_per_prompt_offsets_each_prompt_like_the_metrics_callback(model, tm
     assert [(r['file'], r['seed']) for r in rows] == [('00000_5.png', 5), ('00001_6.png', 6), ('00002_7.png', 7)]
     expected = model.generate([PROMPTS[1]], seed=[6], num_inference_steps=2, guidance_scale=3.0)[0]
     assert np.abs(pixels(tmp_path / '00001_6.png') - as_uint8(expected)).max() <= 1
+
+
+def test_cli_passes_sdxl_micro_conditioning_and_refuses_it_for_sd2(model, tmp_path):
+    from tests.conftest import build_tiny_sdxl
+
+    torch.manual_seed(0)
+    sdxl = build_tiny_sdxl().eval()
+    export_model(sdxl, str(tmp_path / 'xl'), model_card=False)
+    prompts = tmp_path / 'prompts.txt'
+    prompts.write_text('a red circle\n')
+    common = [
+        '--prompts',
+        str(prompts),
+        '--seeds',
+        '4',
+        '--steps',
+        '2',
+        '--guidance-scale',
+        '3',
+        '--scheduler',
+        'euler',
+    ]
+    rows = main(['--checkpoint', str(tmp_path / 'xl'), '--out', str(tmp_path / 'out'), *common,
+                 '--original-size', '64', '32', '--crops-coords-top-left', '8', '0'])  # fmt: skip
+    assert rows[0]['conditioning'] == {'original_size': [64, 32], 'crops_coords_top_left': [8, 0]}
+    kwargs = dict(seed=[4], num_inference_steps=2, guidance_scale=3.0, scheduler='euler')
+    conditioned = sdxl.generate(['a red circle'], original_size=(64, 32), crops_coords_top_left=(8, 0), **kwargs)[0]
+    assert np.array_equal(pixels(tmp_path / 'out' / '00000_4.png'), as_uint8(conditioned))
+    assert not np.array_equal(as_uint8(conditioned), as_uint8(sdxl.generate(['a red circle'], **kwargs)[0]))
+    # Other conditioning is another image: a rerun redraws it rather than keeping the old file.
+    rows = main(['--checkpoint', str(tmp_path / 'xl'), '--out', str(tmp_path / 'out'), *common])
+    assert 'conditioning' not in rows[0]
+    assert np.array_equal(
+        pixels(tmp_path / 'out' / '00000_4.png'), as_uint8(sdxl.generate(['a red circle'], **kwargs)[0])
+    )
+
+    export_model(model, str(tmp_path / 'sd2'), model_card=False)
+    with pytest.raises(SystemExit, match='--target-size apply to SDXL models only; StableDiffusion has no'):
+        main(
+            ['--checkpoint', str(tmp_path / 'sd2'), '--out', str(tmp_path / 'o2'), *common, '--target-size', '16', '16']
+        )

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffusion.train import build_trainer
-from tests.conftest import TEST_XL_MODEL_OVERRIDES, TINY_XL_YAML, run_composer
+from tests.conftest import REPO_ROOT, TEST_XL_MODEL_OVERRIDES, TINY_XL_YAML, run_composer
 from tests.test_train import LossRecorder
 
 
@@ -61,3 +61,35 @@ def test_tiny_sdxl_learns_on_synthetic_data(synthetic_dataset, tmp_path):
     first, last = recorder.losses[:8], recorder.losses[-8:]
     assert len(recorder.losses) == 40
     assert sum(last) / 8 < 0.85 * sum(first) / 8, recorder.losses
+
+
+def precompute_sdxl(data: str, out: str) -> None:
+    """SDXL latents of ``data`` at 16 px with the test-size tiny_sdxl_cpu model (what the latents yaml trains on)."""
+    from diffusion.pipeline.__main__ import main
+
+    main(['precompute', '--input', data, '--out', out, '--config', TINY_XL_YAML, '--resolution', '16',
+          '--batch-size', '16', '--no-progress', '--override', *TEST_XL_MODEL_OVERRIDES])  # fmt: skip
+
+
+def test_tiny_sdxl_latents_yaml_trains_without_running_an_encoder(synthetic_dataset, tmp_path):
+    from diffusion.config import load_config
+
+    latents = str(tmp_path / 'latents')
+    precompute_sdxl(synthetic_dataset, latents)
+    yaml = os.path.join(REPO_ROOT, 'yamls', 'tiny_sdxl_latents_cpu.yaml')
+    overrides = [*TEST_XL_MODEL_OVERRIDES, f'train_dataloader.remote={latents}', f'run_folder={tmp_path}/run',
+                 'progress_bar=false', 'save_folder=null', 'max_duration=3ba',
+                 'model.caption_drop_prob=0.5']  # fmt: skip
+    trainer = build_trainer(load_config(yaml, overrides))
+    model = trainer.state.model
+
+    def fail(*args, **kwargs):
+        raise AssertionError('an encoder ran on a batch of precomputed SDXL latents')
+
+    model.vae.encode = fail
+    model.text_encoder.forward = fail
+    model.text_encoder_2.forward = fail
+    recorder = LossRecorder()
+    trainer.state.callbacks.append(recorder)
+    trainer.fit()
+    assert len(recorder.losses) == 3 and all(torch.isfinite(torch.tensor(recorder.losses)))
