@@ -32,13 +32,13 @@ from tqdm import tqdm
 from diffusion.callbacks.ema_weights import ema_weights
 from diffusion.evaluation.metrics import (
     METRIC_NAMES,
-    SAMPLES_FILE,
     GenerationMetrics,
     open_reference,
     to_uint8,
     update_from_source,
 )
 from diffusion.evaluation.prompts import PromptRecord, load_prompt_records
+from diffusion.evaluation.sample_folder import SAMPLES_FILE, image_filename
 from diffusion.utils import unwrap_model
 
 __all__ = ['ImageMetrics']
@@ -212,7 +212,7 @@ class ImageMetrics(Callback):
         os.makedirs(folder, exist_ok=True)
         rows = []
         for index, image in zip(indices, images.cpu()):
-            name = f'{index:05d}_{self.seed + index}.png'
+            name = image_filename(index, self.seed + index)
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(os.path.join(folder, name))
             rows.append({'file': name, 'prompt_index': index, 'prompt': self.prompts[index], 'seed': self.seed + index})
         return rows

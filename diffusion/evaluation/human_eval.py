@@ -38,6 +38,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from diffusion.evaluation.sample_folder import CONTACT_SHEET, SAMPLE_NAME, SAMPLES_FILE
+
 __all__ = [
     'Pair',
     'VoteStore',
@@ -54,12 +56,7 @@ __all__ = [
 ]
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'human_eval_static')
-SAMPLES_FILE = 'samples.jsonl'
-# The sampling CLI writes a grid of all samples next to them; it is not a sample.
-CONTACT_SHEET = 'contact_sheet.png'
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp')
-# ``{prompt_index:05d}_{seed}.png``, the sampling CLI's file names.
-_SAMPLE_NAME = re.compile(r'^(\d+)_(-?\d+)\.[A-Za-z]+$')
 _RATER_NAME = re.compile(r'^[\w .@-]{1,64}$')
 RATER_COOKIE = 'rater'
 CHOICES = ('left', 'right', 'tie')
@@ -142,7 +139,7 @@ def load_samples(folder: str) -> list[dict]:
         for name in os.listdir(folder):
             if name == CONTACT_SHEET or not name.lower().endswith(IMAGE_EXTENSIONS):
                 continue
-            match = _SAMPLE_NAME.match(name)
+            match = SAMPLE_NAME.match(name)
             rows[name] = (
                 {'file': name, 'prompt_index': int(match[1]), 'seed': int(match[2])} if match else {'file': name}
             )

@@ -52,9 +52,10 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
+from diffusion.evaluation.sample_folder import CONTACT_SHEET, SAMPLES_FILE
+
 __all__ = [
     'METRIC_NAMES',
-    'SAMPLES_FILE',
     'FolderImages',
     'GenerationMetrics',
     'MDSImages',
@@ -69,8 +70,6 @@ __all__ = [
 
 METRIC_NAMES = ('fid', 'kid', 'clip_score')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
-# The sampling CLI's index of a folder: one json row per image with file, prompt_index, prompt, seed.
-SAMPLES_FILE = 'samples.jsonl'
 # ``inception_weights='default'``: torch-fidelity downloads the weights (never in tests).
 DEFAULT_WEIGHTS = 'default'
 
@@ -175,7 +174,8 @@ def open_reference(
 
 
 def read_samples(folder: str) -> list[dict[str, Any]]:
-    """The images of a samples folder: rows of ``samples.jsonl`` sorted by (prompt_index, seed), else every image.
+    """The images of a samples folder: rows of ``samples.jsonl`` sorted by (prompt_index, seed), else every image
+    but the contact sheet.
 
     Returns:
         list[dict]: Rows with ``file`` (relative to ``folder``) and, from ``samples.jsonl``, ``prompt_index``,
@@ -183,7 +183,8 @@ def read_samples(folder: str) -> list[dict[str, Any]]:
     """
     index = os.path.join(folder, SAMPLES_FILE)
     if not os.path.isfile(index):
-        rows = [{'file': os.path.relpath(path, folder)} for path in list_images(folder)]
+        paths = [path for path in list_images(folder) if os.path.basename(path) != CONTACT_SHEET]
+        rows = [{'file': os.path.relpath(path, folder)} for path in paths]
         if not rows:
             raise ValueError(f'No images ({", ".join(IMAGE_EXTENSIONS)}) and no {SAMPLES_FILE} in {folder!r}.')
         return rows

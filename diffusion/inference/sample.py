@@ -22,12 +22,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from diffusion.evaluation.sample_folder import CONTACT_SHEET, SAMPLES_FILE, image_filename
 from diffusion.models.noise import INFERENCE_SCHEDULERS
 
 __all__ = ['CONTACT_SHEET', 'SAMPLES_FILE', 'image_filename', 'main', 'sample_to_folder', 'write_contact_sheet']
 
-SAMPLES_FILE = 'samples.jsonl'
-CONTACT_SHEET = 'contact_sheet.png'
 # Settings that decide an image's pixels besides its prompt and seed: a row that differs in one is redone.
 _SETTINGS = (
     'prompt',
@@ -45,11 +44,6 @@ MAX_SHEET_CELL = 256
 MIN_SHEET_CELL = 128  # tiny images are enlarged (nearest neighbour) so that the captions stay readable
 # generate()'s SDXL micro-conditioning arguments, which the CLI takes as --original-size and so on.
 CONDITIONING_FLAGS = ('original_size', 'crops_coords_top_left', 'target_size')
-
-
-def image_filename(prompt_index: int, seed: int) -> str:
-    """``{prompt_index:05d}_{seed}.png``."""
-    return f'{prompt_index:05d}_{seed}.png'
 
 
 def default_image_size(model: Any) -> int:

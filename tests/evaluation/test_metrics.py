@@ -433,3 +433,9 @@ def test_command_samples_a_checkpoint_into_the_folder_first(sample_folders, tmp_
     assert torch.equal(generated, to_uint8(expected))
     assert result['num_images'] == 4
     assert result['fid'] == pytest.approx(numpy_fid(extract(s['reference_images']), extract(generated)), rel=1e-6)
+
+
+def test_a_folder_without_an_index_is_every_image_but_the_contact_sheet(tmp_path):
+    write_pngs(tmp_path / 'sub', random_images(1), ['c.png'])
+    write_pngs(tmp_path, random_images(3), ['b.png', 'a.png', 'contact_sheet.png'])
+    assert [row['file'] for row in metrics_module.read_samples(str(tmp_path))] == ['a.png', 'b.png', 'sub/c.png']
