@@ -36,6 +36,7 @@ import io
 import logging
 import math
 import os
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple, Optional
 
@@ -47,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 __all__ = [
+    'SIZE_CACHE_FILE',
     'AspectBucketSampler',
     'BucketIndex',
     'BucketedDataLoader',
@@ -63,6 +65,9 @@ log = logging.getLogger(__name__)
 
 # The VAE downsamples by 8: a bucket side that is not a multiple of it has no whole latent.
 BUCKET_MULTIPLE = 8
+# The image-size cache that read_sample_sizes keeps beside a local dataset (and a half-written one): derived from
+# the dataset, so whatever replaces the dataset may delete it with the shards.
+SIZE_CACHE_FILE = re.compile(r'^aspect_sizes\.[0-9a-f]{16}\.npy(\.\d+\.tmp)?$')
 
 
 class BucketIndex(NamedTuple):

@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw
 from streaming import MDSWriter
 from tqdm import tqdm
 
+from diffusion.data.aspect_buckets import SIZE_CACHE_FILE
 from diffusion.data.shard_integrity import SHARD_HASHES
 from diffusion.pipeline import images
 
@@ -389,7 +390,8 @@ def _prepare_local_output(out: str, overwrite: bool) -> None:
     """Refuses to clobber existing data; with ``overwrite`` only an MDS data set may be replaced.
 
     ``MDSWriter(exist_ok=True)`` deletes the whole folder, so we only allow that when the folder
-    holds nothing but an MDS index and shards — never an arbitrary directory such as the repo root.
+    holds nothing but an MDS index, shards and the image-size cache that bucketed training keeps
+    beside them — never an arbitrary directory such as the repo root.
     """
     path = os.path.expanduser(out)
     if not os.path.isdir(path) or not os.listdir(path):
@@ -407,7 +409,7 @@ def _prepare_local_output(out: str, overwrite: bool) -> None:
             f'Output folder {out!r} already holds an MDS data set (index.json). '
             'Pass overwrite=True (CLI: --overwrite) to replace it.'
         )
-    unexpected = sorted(e for e in entries if not _SHARD_FILE.match(e))
+    unexpected = sorted(e for e in entries if not (_SHARD_FILE.match(e) or SIZE_CACHE_FILE.match(e)))
     if unexpected:
         raise FileExistsError(
             f'Output folder {out!r} holds files other than MDS shards ({unexpected[:5]}); '

@@ -4,6 +4,7 @@ import colorsys
 import io
 import itertools
 import json
+import os
 import re
 
 import numpy as np
@@ -170,6 +171,21 @@ def test_existing_dataset_requires_overwrite(tmp_path):
     write_synthetic_dataset(out, 5, progress=False, overwrite=True)
     index = json.loads((tmp_path / 'ds' / 'index.json').read_text())
     assert sum(shard['samples'] for shard in index['shards']) == 5
+
+
+def test_overwrite_replaces_the_size_cache_that_bucketed_training_keeps_beside_the_data(tmp_path):
+    from diffusion.data.aspect_buckets import read_sample_sizes
+    from diffusion.data.image_caption import StreamingImageCaptionDataset
+
+    out = tmp_path / 'ds'
+    write_synthetic_dataset(str(out), 3, progress=False)
+    read_sample_sizes(StreamingImageCaptionDataset(local=str(out)), progress=False)
+    assert [name for name in os.listdir(out) if name.startswith('aspect_sizes.')]
+    write_synthetic_dataset(str(out), 4, progress=False, overwrite=True)
+    assert not [name for name in os.listdir(out) if name.startswith('aspect_sizes.')]
+    (out / 'aspect_sizes.notes.npy').write_bytes(b'')  # not the cache's name: someone else's file
+    with pytest.raises(FileExistsError, match=r"holds files other than MDS shards \(\['aspect_sizes.notes.npy'\]\)"):
+        write_synthetic_dataset(str(out), 4, progress=False, overwrite=True)
 
 
 def test_never_deletes_a_folder_that_is_not_an_mds_dataset(tmp_path):
