@@ -49,6 +49,7 @@ __all__ = [
     'build_image_caption_dataloader',
     'decode_image',
     'image_transform',
+    'micro_conditioning',
     'resize_and_crop',
     'resolve_source',
 ]
@@ -123,6 +124,25 @@ def resize_and_crop(
         pixels = pixels.flip(-1)
         left = resized_width - left - width
     return (pixels * 2.0 - 1.0).clamp_(-1.0, 1.0), (top, left)
+
+
+def micro_conditioning(
+    sample: dict[str, Any], image_size: tuple[int, int], top_left: tuple[int, int], target_size: tuple[int, int]
+) -> dict[str, tuple[int, int]]:
+    """SDXL's size and crop conditioning of a sample cropped to ``target_size`` (all ``(height, width)``).
+
+    The original size is the ``original_height``/``original_width`` columns when both are positive integers (the
+    Flickr original of a CommonCatalog image, before the pipeline downscaled it), else the decoded image's size;
+    ``top_left`` is the crop :func:`resize_and_crop` reports.
+    """
+    original = (sample.get('original_height'), sample.get('original_width'))
+    if not all(isinstance(side, (int, np.integer)) and side > 0 for side in original):
+        original = image_size
+    return {
+        'cond_original_size': (int(original[0]), int(original[1])),
+        'cond_crops_coords_top_left': (int(top_left[0]), int(top_left[1])),
+        'cond_target_size': (int(target_size[0]), int(target_size[1])),
+    }
 
 
 def resolve_source(remote: Optional[str], local: Optional[str]) -> tuple[Optional[str], Optional[str]]:
@@ -264,12 +284,8 @@ class StreamingImageCaptionDataset(FaultTolerantStreamingDataset):
         pixels, top_left = resize_and_crop(image, height, width, self.crop, self.random_flip, generator)
         out = {'image': pixels}
         if self.micro_conditioning:
-            original = (sample.get('original_height'), sample.get('original_width'))
-            if not all(isinstance(side, (int, np.integer)) and side > 0 for side in original):
-                original = (image.height, image.width)
-            out['cond_original_size'] = torch.tensor(original, dtype=torch.long)
-            out['cond_crops_coords_top_left'] = torch.tensor(top_left, dtype=torch.long)
-            out['cond_target_size'] = torch.tensor((height, width), dtype=torch.long)
+            conditioning = micro_conditioning(sample, (image.height, image.width), top_left, (height, width))
+            out.update({key: torch.tensor(value, dtype=torch.long) for key, value in conditioning.items()})
         return out
 
     def _pick_caption(self, sample: dict[str, Any], index: int) -> str:

@@ -22,12 +22,12 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from diffusion.data.image_caption import decode_image, image_transform, resize_and_crop
+from diffusion.data.image_caption import decode_image, image_transform, micro_conditioning, resize_and_crop
 from diffusion.data.latents import MICRO_CONDITIONING_COLUMNS, STORAGE_DTYPES, to_stored
 from diffusion.pipeline.runner import StageRunner, rank_info
 from diffusion.pipeline.shards import SIDE_COLUMNS, InputDataset, require_input
 
-__all__ = ['PrecomputeOptions', 'encode_batch', 'micro_conditioning', 'precompute_latents']
+__all__ = ['PrecomputeOptions', 'encode_batch', 'precompute_latents']
 
 STORES = ('moments', 'sample')
 
@@ -90,20 +90,6 @@ def _latent_columns(options: PrecomputeOptions, carried: dict[str, str], model: 
 def _micro_conditioned(model: Any) -> bool:
     """Whether the model's UNet takes SDXL's size and crop conditioning."""
     return getattr(model.unet.config, 'addition_embed_type', None) == 'text_time'
-
-
-def micro_conditioning(sample: dict[str, Any], decoded_size: tuple[int, int], top_left: tuple[int, int], size: int):
-    """SDXL's conditioning columns for a sample center-cropped to ``size``: the original size (the
-    ``original_height``/``original_width`` columns when positive, else the decoded image's (height, width)), the
-    crop's (top, left) in the resized image and the target size, as int64 arrays."""
-    original = (int(sample.get('original_height') or 0), int(sample.get('original_width') or 0))
-    if min(original) <= 0:
-        original = decoded_size
-    return {
-        'cond_original_size': np.asarray(original, dtype=np.int64),
-        'cond_crops_coords_top_left': np.asarray(top_left, dtype=np.int64),
-        'cond_target_size': np.asarray((size, size), dtype=np.int64),
-    }
 
 
 def _build_model(config: str, overrides: Sequence[str], encode_dtype: str) -> Any:
@@ -171,10 +157,10 @@ def precompute_latents(
                 for s in batch:
                     image = decode_image(s['image'])
                     if conditioned:  # the crop is recorded, so it is taken by the function that reports it
-                        tensor, top_left = resize_and_crop(image, options.resolution, options.resolution, 'center')
-                        conditioning.append(
-                            micro_conditioning(s, (image.height, image.width), top_left, options.resolution)
-                        )
+                        size = (options.resolution, options.resolution)
+                        tensor, top_left = resize_and_crop(image, *size, 'center')
+                        columns = micro_conditioning(s, (image.height, image.width), top_left, size)
+                        conditioning.append({k: np.asarray(v, dtype=np.int64) for k, v in columns.items()})
                     else:
                         tensor = transform(image)
                     pixels.append(tensor)
