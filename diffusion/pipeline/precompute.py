@@ -144,6 +144,7 @@ def precompute_latents(
     runner.side_columns = tuple(c for c in SIDE_COLUMNS if c in carried)
     transform = image_transform(options.resolution, crop='center')
     conditioned = _micro_conditioned(model)
+    size = (options.resolution, options.resolution)
 
     def process(unit: int) -> Iterator[dict[str, Any]]:
         device = model.vae.device
@@ -157,7 +158,6 @@ def precompute_latents(
                 for s in batch:
                     image = decode_image(s['image'])
                     if conditioned:  # the crop is recorded, so it is taken by the function that reports it
-                        size = (options.resolution, options.resolution)
                         tensor, top_left = resize_and_crop(image, *size, 'center')
                         columns = micro_conditioning(s, (image.height, image.width), top_left, size)
                         conditioning.append({k: np.asarray(v, dtype=np.int64) for k, v in columns.items()})
