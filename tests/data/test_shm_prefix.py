@@ -41,7 +41,9 @@ def test_datasets_built_at_the_same_moment_in_separate_processes_do_not_collide(
 
 def test_without_the_lock_the_same_start_collides(tmp_path):
     """The test above can fail: streaming alone gives two of these processes the same prefix."""
-    results = _start_together(tmp_path, locked=False)
+    # Holding the lock keeps every other locked job on the node (the other test worker) out of this race.
+    with shm_prefix.prefix_lock():
+        results = _start_together(tmp_path, locked=False)
     collisions = sum(c for c, _ in results)
     if collisions == 0:
         pytest.skip('the unlocked processes happened not to overlap this time')
