@@ -29,8 +29,8 @@ def _start_together(tmp_path, locked: bool) -> list[tuple[int, str]]:
         _write(root)
     # spawn: fresh interpreters, where StreamingDataset has the lock only if build_together installs it.
     context = multiprocessing.get_context('spawn')
-    barrier = context.Manager().Barrier(PROCESSES)
-    with context.Pool(PROCESSES) as pool:
+    with context.Manager() as manager, context.Pool(PROCESSES) as pool:
+        barrier = manager.Barrier(PROCESSES)
         return pool.starmap(build_together, [(r, barrier, locked) for r in roots])
 
 
