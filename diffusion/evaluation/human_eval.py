@@ -38,7 +38,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from diffusion.evaluation.sample_folder import CONTACT_SHEET, SAMPLE_NAME, SAMPLES_FILE
+from diffusion.evaluation.sample_folder import CONTACT_SHEET, SAMPLE_NAME, SAMPLES_FILE, read_samples_file
 
 __all__ = [
     'Pair',
@@ -119,20 +119,11 @@ def load_samples(folder: str) -> list[dict]:
     rows: dict[str, dict] = {}
     if os.path.isfile(jsonl):
         missing = 0
-        with open(jsonl, encoding='utf-8') as handle:
-            for line_number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f'{jsonl}, line {line_number}: not valid JSON ({error}).') from error
-                if not isinstance(row, dict) or 'file' not in row:
-                    raise ValueError(f'{jsonl}, line {line_number}: expected an object with a "file" key, got {row!r}.')
-                if os.path.isfile(_image_path(folder, row['file'])):
-                    rows[row['file']] = row  # a resumed sampling run may list a file twice: keep the last row
-                else:
-                    missing += 1
+        for row in read_samples_file(jsonl):
+            if os.path.isfile(_image_path(folder, row['file'])):
+                rows[row['file']] = row  # a resumed sampling run may list a file twice: keep the last row
+            else:
+                missing += 1
         if missing:
             warnings.warn(f'{missing} image(s) listed in {jsonl} are missing; they are left out.', stacklevel=2)
     else:

@@ -52,7 +52,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from diffusion.evaluation.sample_folder import CONTACT_SHEET, SAMPLES_FILE
+from diffusion.evaluation.sample_folder import CONTACT_SHEET, SAMPLES_FILE, read_samples_file
 
 __all__ = [
     'METRIC_NAMES',
@@ -188,11 +188,7 @@ def read_samples(folder: str) -> list[dict[str, Any]]:
         if not rows:
             raise ValueError(f'No images ({", ".join(IMAGE_EXTENSIONS)}) and no {SAMPLES_FILE} in {folder!r}.')
         return rows
-    with open(index, encoding='utf-8') as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    for number, row in enumerate(rows, 1):
-        if 'file' not in row:
-            raise ValueError(f'{index}: row {number} has no "file" key.')
+    rows = read_samples_file(index)
     return sorted(rows, key=lambda row: (row.get('prompt_index', 0), row.get('seed', 0), row['file']))
 
 

@@ -9,9 +9,10 @@ the human study's web app imports it without torch.
 
 from __future__ import annotations
 
+import json
 import re
 
-__all__ = ['CONTACT_SHEET', 'SAMPLES_FILE', 'SAMPLE_NAME', 'image_filename']
+__all__ = ['CONTACT_SHEET', 'SAMPLES_FILE', 'SAMPLE_NAME', 'image_filename', 'read_samples_file']
 
 SAMPLES_FILE = 'samples.jsonl'
 CONTACT_SHEET = 'contact_sheet.png'
@@ -22,3 +23,24 @@ SAMPLE_NAME = re.compile(r'^(\d+)_(-?\d+)\.[A-Za-z]+$')
 def image_filename(prompt_index: int, seed: int) -> str:
     """``{prompt_index:05d}_{seed}.png``."""
     return f'{prompt_index:05d}_{seed}.png'
+
+
+def read_samples_file(path: str) -> list[dict]:
+    """The rows of a ``samples.jsonl`` in file order, blank lines skipped.
+
+    Raises:
+        ValueError: Naming the file and line of a row that is not valid JSON or not an object with a ``file`` key.
+    """
+    rows = []
+    with open(path, encoding='utf-8') as handle:
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f'{path}, line {line_number}: not valid JSON ({error}).') from error
+            if not isinstance(row, dict) or 'file' not in row:
+                raise ValueError(f'{path}, line {line_number}: expected an object with a "file" key, got {row!r}.')
+            rows.append(row)
+    return rows

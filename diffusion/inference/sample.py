@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from diffusion.evaluation.sample_folder import CONTACT_SHEET, SAMPLES_FILE, image_filename
+from diffusion.evaluation.sample_folder import CONTACT_SHEET, SAMPLES_FILE, image_filename, read_samples_file
 from diffusion.models.noise import INFERENCE_SCHEDULERS
 
 __all__ = ['CONTACT_SHEET', 'SAMPLES_FILE', 'image_filename', 'main', 'sample_to_folder', 'write_contact_sheet']
@@ -53,15 +53,7 @@ def default_image_size(model: Any) -> int:
 
 
 def _read_rows(path: str) -> dict[str, dict]:
-    rows: dict[str, dict] = {}
-    if os.path.exists(path):
-        with open(path, encoding='utf-8') as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    row = json.loads(line)
-                    rows[row['file']] = row
-    return rows
+    return {row['file']: row for row in read_samples_file(path)} if os.path.exists(path) else {}
 
 
 def _write_rows(path: str, rows: list[dict]) -> None:
