@@ -23,6 +23,16 @@ torch.set_num_threads(1)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_YAML = os.path.join(REPO_ROOT, 'yamls', 'tiny_sd_cpu.yaml')
+# Composer's launcher through this interpreter, so that it works wherever the stack is installed (a venv, or a
+# ``pip install --target`` folder on PYTHONPATH as on the lent GPU machine), not only next to sys.executable.
+COMPOSER_LAUNCHER = [sys.executable, '-m', 'composer.cli.launcher']
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment with the repo root put first on PYTHONPATH (keeping what was there) and ``extra`` set."""
+    path = os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get('PYTHONPATH')]))
+    return {**os.environ, 'PYTHONPATH': path, **extra}
+
 
 # Smaller than the demo's tiny model: the fastest size that still exercises every code path.
 TEST_UNET = dict(
@@ -99,10 +109,8 @@ def tiny_config(data: str, run_folder: str, *overrides: str):
 
 def run_script(script: str, *args: str, processes: int = 1) -> str:
     """``composer -n <processes> <script> <args>`` from the repo root; asserts success, returns stdout."""
-    command = [os.path.join(os.path.dirname(sys.executable), 'composer'), '-n', str(processes), script, *args]
-    result = subprocess.run(
-        command, cwd=REPO_ROOT, env={**os.environ, 'PYTHONPATH': REPO_ROOT}, capture_output=True, text=True, timeout=600
-    )
+    command = [*COMPOSER_LAUNCHER, '-n', str(processes), script, *args]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 

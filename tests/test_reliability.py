@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, TEST_MODEL_OVERRIDES, TINY_YAML, run_composer
+from tests.conftest import COMPOSER_LAUNCHER, REPO_ROOT, TEST_MODEL_OVERRIDES, TINY_YAML, run_composer, subprocess_env
 
 MAX_BATCHES = 12  # 128 samples in batches of 16: the run crosses an epoch boundary at batch 8
 
@@ -40,13 +39,12 @@ def overrides(data: str, folder: str) -> list[str]:
 
 
 def command(processes: int, args: list[str]) -> list[str]:
-    launcher = os.path.join(os.path.dirname(sys.executable), 'composer')
-    return [launcher, '-n', str(processes), 'train.py', TINY_YAML, *args]
+    return [*COMPOSER_LAUNCHER, '-n', str(processes), 'train.py', TINY_YAML, *args]
 
 
 def kill_midway(processes: int, args: list[str], checkpoints: str, after_batch: int) -> None:
     """Start the run and SIGKILL the launcher and its ranks once the checkpoint of ``after_batch`` exists."""
-    env = {**os.environ, 'PYTHONPATH': REPO_ROOT}
+    env = subprocess_env()
     process = subprocess.Popen(
         command(processes, args), cwd=REPO_ROOT, env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

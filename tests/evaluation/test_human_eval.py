@@ -32,7 +32,7 @@ from diffusion.evaluation.human_eval import (
     summarize_votes,
     wilson_interval,
 )
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, subprocess_env
 
 RED, BLUE = (230, 20, 20), (20, 20, 230)
 
@@ -398,7 +398,7 @@ def start_server(dir_a, dir_b, db, log):
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,
-        env={**os.environ, 'PYTHONPATH': REPO_ROOT},
+        env=subprocess_env(),
     )
     lines = queue.Queue()  # a reader thread, so a silent server cannot block the test past its deadline
     threading.Thread(target=lambda: [*map(lines.put, process.stdout), lines.put(None)], daemon=True).start()

@@ -12,7 +12,7 @@ import pytest
 
 from diffusion.pipeline.__main__ import main
 from diffusion.pipeline.captioners import save_tiny_blip2
-from tests.conftest import REPO_ROOT
+from tests.conftest import COMPOSER_LAUNCHER, REPO_ROOT, subprocess_env
 from tests.pipeline.conftest import commoncatalog_row, jpeg, photo, write_commoncatalog
 from tests.pipeline.test_pipeline import read_dataset
 
@@ -20,13 +20,12 @@ from tests.pipeline.test_pipeline import read_dataset
 def pipeline_command(*args: str, processes: int = 0) -> list[str]:
     """``python -m diffusion.pipeline`` or, with ``processes``, ``composer -n <processes> -m diffusion.pipeline``."""
     if processes:
-        launcher = os.path.join(os.path.dirname(sys.executable), 'composer')
-        return [launcher, '-n', str(processes), '-m', 'diffusion.pipeline', *args, '--no-progress']
+        return [*COMPOSER_LAUNCHER, '-n', str(processes), '-m', 'diffusion.pipeline', *args, '--no-progress']
     return [sys.executable, '-m', 'diffusion.pipeline', *args, '--no-progress']
 
 
 def run(command: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, 'PYTHONPATH': REPO_ROOT, 'HF_HUB_OFFLINE': '1'}
+    env = subprocess_env(HF_HUB_OFFLINE='1')
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -73,7 +72,7 @@ def test_a_killed_run_resumes_without_losing_or_duplicating_samples(tmp_path):
     main([*args, '--out', reference, '--no-progress'])
 
     out = str(tmp_path / 'out')
-    env = {**os.environ, 'PYTHONPATH': REPO_ROOT}
+    env = subprocess_env()
     process = subprocess.Popen(pipeline_command(*args, '--out', out), cwd=REPO_ROOT, env=env)
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
