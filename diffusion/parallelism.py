@@ -13,6 +13,10 @@ is true. :func:`mark_fsdp_units` sets those markers:
 
 Composer's FSDP needs CUDA (it calls ``torch.cuda.current_device()``); on CPU :func:`resolve_parallelism` says so
 and returns ``None``, so the run uses DDP (gloo) with the same config.
+
+:func:`unsharded` gives export a plain copy of a sharded component, built from torch FSDP's full state dict (a
+collective every rank joins), since ``save_pretrained`` on a sharded module from rank 0 alone starts an all-gather
+that no other rank joins.
 """
 
 from __future__ import annotations
@@ -21,12 +25,18 @@ import dataclasses
 import warnings
 from typing import Any, Optional
 
+import torch
 from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config, FSDPConfig, ParallelismConfig, TPConfig
+from diffusers import ModelMixin
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
+from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-__all__ = ['check_parallelism_config', 'mark_fsdp_units', 'resolve_parallelism']
+from diffusion.algorithms.sharded_ema import clean_parameter_name
+
+__all__ = ['check_parallelism_config', 'mark_fsdp_units', 'resolve_parallelism', 'unsharded']
 
 CPU_FSDP_MESSAGE = (
     'parallelism_config.fsdp is set but this run is on CPU: Composer runs FSDP on CUDA GPUs only. '
@@ -77,3 +87,31 @@ def resolve_parallelism(parallelism_config: Optional[dict[str, Any]], device: st
         return rest or None
     mark_fsdp_units(model)
     return parallelism_config
+
+
+def unsharded(component: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """``component`` as a plain module that ``save_pretrained`` can write: itself when nothing in it is sharded.
+
+    When it holds FSDP modules (Composer wraps the UNet, and any encoder that trains), every rank must call this:
+    torch FSDP's full state dict is gathered (a collective; rank 0 alone keeps it, in CPU memory when training on
+    GPUs), and rank 0 gets a copy of the component's class, built from its config on the meta device and given
+    those tensors; other ranks get ``None``. Parameter names lose the FSDP and activation-checkpointing wrappers'
+    segments.
+    """
+    if not any(isinstance(module, FSDP) for module in component.modules()):
+        return component
+    # Offloading GPU tensors to CPU saves rank 0's GPU memory; on CPU torch's offload path crashes (SIGSEGV).
+    on_gpu = any(parameter.is_cuda for parameter in component.parameters())
+    config = FullStateDictConfig(offload_to_cpu=on_gpu, rank0_only=True)
+    with FSDP.state_dict_type(component, StateDictType.FULL_STATE_DICT, config):
+        state_dict = component.state_dict()
+    if dist.get_global_rank() != 0:
+        return None
+    inner = component.module if isinstance(component, FSDP) else component
+    with torch.device('meta'):  # no memory and no initialisation: every tensor is replaced below
+        copy = type(inner).from_config(inner.config) if isinstance(inner, ModelMixin) else type(inner)(inner.config)
+    copy.load_state_dict({clean_parameter_name(k): v for k, v in state_dict.items()}, strict=True, assign=True)
+    left = [name for name, tensor in copy.state_dict().items() if tensor.is_meta]
+    if left:
+        raise RuntimeError(f'Unsharding {type(inner).__name__}: no full tensor for {", ".join(left[:5])}.')
+    return copy.train(inner.training)

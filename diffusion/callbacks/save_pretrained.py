@@ -3,7 +3,8 @@
 Builds on Composer's ``Callback`` and the ``save_pretrained`` of diffusers and transformers (safetensors weights
 plus config). The folder layout is a diffusers pipeline's (``<folder>/vae``, ``<folder>/unet``, ...), so that
 another run loads it with ``pretrained_model_name_or_path=<folder>``; the demo hands its trained autoencoder to
-the diffusion run this way.
+the diffusion run this way. A component that FSDP shards is exported through
+:func:`diffusion.parallelism.unsharded`, which every rank joins.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from diffusion.callbacks.ema_weights import ema_weights
+from diffusion.parallelism import unsharded
 from diffusion.utils import unwrap_model
 
 __all__ = ['SavePretrained']
@@ -44,7 +46,8 @@ class SavePretrained(Callback):
         if hasattr(model, 'prepare_for_export'):
             model.prepare_for_export()
         with ema_weights(state, self.use_ema):
-            if dist.get_global_rank() == 0:
-                for name in self.components:
-                    getattr(model, name).save_pretrained(os.path.join(self.folder, name))
+            for name in self.components:
+                component = unsharded(getattr(model, name))  # every rank: a collective when the UNet is sharded
+                if dist.get_global_rank() == 0:
+                    component.save_pretrained(os.path.join(self.folder, name))
             dist.barrier()

@@ -2,10 +2,13 @@
 
 Shards the tiny model's children with torch FSDP the way Composer's FSDP integration does (one FSDP root per child
 of the ComposerModel, inner units from the ``_fsdp_wrap`` markers), trains it a few steps next to an unsharded copy,
-and checks that ShardedEMA's average equals Composer's EMA on the copy. Prints ``OK <max abs diff>`` on rank 0.
+and checks that ShardedEMA's average equals Composer's EMA on the copy, that the ``save_pretrained`` export (run on
+every rank) writes that average, and that sampling the sharded model gives the unsharded model's images. Prints
+``OK <max abs diffs>`` on rank 0.
 """
 
 import copy
+import os
 import sys
 
 import torch
@@ -14,10 +17,12 @@ from composer.core import Event, State
 from composer.devices import DeviceCPU
 from composer.loggers import Logger
 from composer.utils import dist
+from diffusers import UNet2DConditionModel
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import CustomPolicy
 
 from diffusion.algorithms.sharded_ema import ShardedEMA, full_parameters
+from diffusion.callbacks.save_pretrained import SavePretrained
 from diffusion.parallelism import mark_fsdp_units
 from tests.conftest import build_tiny_sd
 
@@ -93,9 +98,21 @@ def main() -> None:
     swap_diff = max(float((unet[k] - expected[k]).abs().max()) for k in unet)
     trained = {f'unet.{k}': v for k, v in reference.unet.named_parameters()}
     train_diff = max(float((trained[k] - expected[k]).abs().max()) for k in trained)
+    # Export on every rank, as the callback runs at fit end: rank 0 alone would start an all-gather nobody joins.
+    folder = sys.argv[1]
+    sharded_state.algorithms = [sharded_ema]
+    SavePretrained(folder, components=['unet']).fit_end(sharded_state, Logger(sharded_state))
+    # Sampling (the image-logging and metric callbacks) runs the sharded UNet on every rank.
+    sample_kwargs = dict(num_inference_steps=2, guidance_scale=2.0, seed=3)
+    sample_diff = float((sharded.generate(['a red circle'], **sample_kwargs) -
+                         reference.generate(['a red circle'], **sample_kwargs)).abs().max())  # fmt: skip
     if dist.get_global_rank() == 0:
+        exported = UNet2DConditionModel.from_pretrained(os.path.join(folder, 'unet')).state_dict()
+        assert {f'unet.{k}' for k in exported} >= set(expected), sorted(set(expected) - set(exported))[:5]
+        export_diff = max(float((exported[k[len('unet.') :]] - v).abs().max()) for k, v in expected.items())
         print(f'composer_error={composer_error!r}')
-        print(f'OK ema_diff={diff:.3g} swap_diff={swap_diff:.3g} train_diff={train_diff:.3g} params={len(expected)}')
+        print(f'OK ema_diff={diff:.3g} swap_diff={swap_diff:.3g} train_diff={train_diff:.3g} params={len(expected)} '
+              f'export_diff={export_diff:.3g} sample_diff={sample_diff:.3g}')  # fmt: skip
     sys.stdout.flush()
 
 

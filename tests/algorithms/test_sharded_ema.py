@@ -16,13 +16,19 @@ def test_wrapper_prefixes_are_removed_from_names():
 
 @pytest.mark.slow
 @pytest.mark.world_size(2)
-def test_the_average_of_a_sharded_unet_equals_the_unsharded_one():
-    stdout = run_script(os.path.join(REPO_ROOT, 'tests', 'algorithms', 'fsdp_ema_worker.py'), processes=2)
+def test_the_average_of_a_sharded_unet_equals_the_unsharded_one_and_is_what_export_writes(tmp_path):
+    worker = os.path.join(REPO_ROOT, 'tests', 'algorithms', 'fsdp_ema_worker.py')
+    stdout = run_script(worker, str(tmp_path / 'export'), processes=2)
     # The failure this class exists for: Composer's EMA on a ComposerModel whose children are FSDP modules.
     assert "composer_error=\"'StableDiffusion' object has no attribute 'module'\"" in stdout
-    match = re.search(r'OK ema_diff=(\S+) swap_diff=(\S+) train_diff=(\S+) params=(\d+)', stdout)
+    pattern = r'OK ema_diff=(\S+) swap_diff=(\S+) train_diff=(\S+) params=(\d+) export_diff=(\S+) sample_diff=(\S+)'
+    match = re.search(pattern, stdout)
     assert match, stdout[-2000:]
-    ema_diff, swap_diff, train_diff = (float(match.group(i)) for i in (1, 2, 3))
+    ema_diff, swap_diff, train_diff, _, export_diff, sample_diff = (float(match.group(i)) for i in range(1, 7))
     assert ema_diff <= 1e-6 and swap_diff <= 1e-6  # the same average, and it is what sampling/export see
     assert train_diff > 1e-4  # ...which differs from the raw trained weights
     assert int(match.group(4)) > 100
+    # The export from the sharded run holds the full averaged UNet (before the fix, rank 0's save_pretrained
+    # started an all-gather that rank 1 never joined, and the run crashed); sampling matches the unsharded model.
+    assert export_diff <= 1e-6
+    assert sample_diff <= 1e-5
