@@ -1,3 +1,4 @@
+import contextlib
 import importlib.util
 
 import pytest
@@ -13,6 +14,7 @@ from diffusers.models.attention_processor import (
 
 from diffusion import registry
 from diffusion.algorithms import AttentionBackend, apply_attention_backend
+from diffusion.models import tiny_stable_diffusion
 from tests.conftest import build_tiny_sd
 
 XFORMERS_INSTALLED = importlib.util.find_spec('xformers') is not None
@@ -102,3 +104,34 @@ def test_builds_from_the_registry_with_sdpa_by_default():
     assert isinstance(algorithm, AttentionBackend)
     assert algorithm.backend == 'sdpa'
     assert repr(algorithm) == "AttentionBackend(backend='sdpa')"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='the flash, memory-efficient and xformers kernels need CUDA')
+def test_on_a_gpu_flash_efficient_and_xformers_attention_match_math_in_bf16():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # The demo-size UNet: head dims 8 and 16, which the flash kernel takes; TEST_UNET's head dims are too small.
+    unet = tiny_stable_diffusion().unet.to('cuda', torch.bfloat16).eval()
+    generator = torch.Generator('cuda').manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, device='cuda', dtype=torch.bfloat16, generator=generator)
+    text_embeds = torch.randn(2, 77, 64, device='cuda', dtype=torch.bfloat16, generator=generator)
+    timesteps = torch.tensor([10, 900], device='cuda')
+
+    def output(backend: str, kernel=None) -> torch.Tensor:
+        apply_attention_backend(unet, backend)
+        with torch.no_grad(), sdpa_kernel([kernel]) if kernel else contextlib.nullcontext():
+            return unet(latents, timesteps, encoder_hidden_states=text_embeds).sample.float()
+
+    reference = output('math')
+    outputs = {
+        # Restricted to one kernel, SDPA raises rather than falling back when that kernel cannot run.
+        'flash': output('sdpa', SDPBackend.FLASH_ATTENTION),
+        'efficient': output('sdpa', SDPBackend.EFFICIENT_ATTENTION),
+    }
+    if XFORMERS_INSTALLED:
+        outputs['xformers'] = output('xformers')
+    scale = float(reference.abs().max())
+    for name, value in outputs.items():
+        # bf16 keeps 8 bits of mantissa; kernels differ in the order of their sums and where they round.
+        assert float((value - reference).abs().max()) <= 0.05 * scale, name
