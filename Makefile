@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DATA := data/demo
 
-.PHONY: install browser demo demo-data pipeline-example test test-fast lint format benchmark clean
+.PHONY: install browser demo demo-data pipeline-example test test-fast lint format benchmark gpu-wheels clean
 
 install: $(STAMP)
 
@@ -60,6 +60,18 @@ format: install
 benchmark: install
 	$(PY) benchmarks/step_breakdown.py
 	$(PY) benchmarks/pipeline_throughput.py
+
+# Wheels for a lent GPU machine (Python 3.12, x86-64, its own torch 2.11), which reaches no registry: what
+# benchmarks/gpu/check.sh installs there. antlr4 4.9.3 (omegaconf's parser) exists only as an sdist: built here,
+# it is pure Python.
+GPU_WHEELS := .whl
+GPU_PLATFORMS := $(foreach n,5 12 14 17 24 27 28 31 34 35,--platform manylinux_2_$(n)_x86_64) \
+	--platform manylinux2014_x86_64 --platform manylinux2010_x86_64 --platform manylinux1_x86_64
+gpu-wheels: install
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d $(GPU_WHEELS) -r benchmarks/gpu/wheels.txt
+	$(PY) -m pip wheel -q --no-deps -w $(GPU_WHEELS) antlr4-python3-runtime==4.9.3
+	@du -sh $(GPU_WHEELS)
 
 clean:
 	rm -rf runs data/demo data/example .pytest_cache

@@ -9,14 +9,21 @@ no compile, fp32 on CPU and plain bf16 autocast on GPU. Every other row adds one
 MFU (539 / 2,409 GFLOP per image at 256 / 512 px, forward + backward, from torch's FlopCounterMode) against the
 datasheet bf16 peak and against what a large bf16 matmul reaches on the card, plus peak memory.
 
+Each model is built once (seeded) and every case trains a fresh copy of it, so all rows start from the same
+weights. ``--cases`` picks rows by key (the baseline always runs); a row that runs out of GPU memory prints ``OOM``
+and the run goes on. ``--json`` also writes the rows to a file.
+
     python benchmarks/throughput.py                       # CPU: tiny at 32 px and SD2-base at 256 px
     python benchmarks/throughput.py --models sd2 --resolutions 256 512 --batch-size 32   # on a GPU
+    python benchmarks/throughput.py --models sd2 --resolutions 512 --batch-size 16 --cases latents recipe
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
+import json
 import platform
 import time
 import warnings
@@ -35,31 +42,34 @@ UNET_TRAIN_GFLOP = {256: 539.0, 512: 2409.0}  # SD2 UNet forward + backward per 
 PEAK_TFLOPS = {'H100': (989.0, 790.0), 'H200': (989.0, 790.0), 'A100': (312.0, None)}  # datasheet, measured matmul
 
 
-def case_list(gpu: bool, with_compile: bool) -> list[tuple[str, dict[str, Any]]]:
-    """(name, switches) of every measured row; each switch set is applied on top of the baseline."""
+def case_list(gpu: bool, with_compile: bool) -> list[tuple[str, str, dict[str, Any]]]:
+    """(key, row name, switches) of every measured row; each switch set is applied on top of the baseline."""
     recipe = dict(latents=True, attention='sdpa', bf16=True, low_precision_norms=True, channels_last=True)
     cases = [
-        ('baseline', {}),
-        ('+ precomputed latents', dict(latents=True)),
-        ('+ SDPA attention', dict(attention='sdpa')),
+        ('baseline', 'baseline', {}),
+        ('latents', '+ precomputed latents', dict(latents=True)),
+        ('sdpa', '+ SDPA attention', dict(attention='sdpa')),
     ]
     if not gpu:  # the GPU baseline is already bf16
-        cases.append(('+ bf16 autocast', dict(bf16=True)))
+        cases.append(('bf16', '+ bf16 autocast', dict(bf16=True)))
     cases += [
-        ('+ low-precision norms (bf16)', dict(bf16=True, low_precision_norms=True)),
-        ('+ channels-last', dict(channels_last=True)),
-        ('+ gradient checkpointing', dict(gradient_checkpointing=True)),
+        ('norms', '+ low-precision norms (bf16)', dict(bf16=True, low_precision_norms=True)),
+        ('channels_last', '+ channels-last', dict(channels_last=True)),
+        ('checkpointing', '+ gradient checkpointing', dict(gradient_checkpointing=True)),
     ]
     if with_compile:
-        cases.append(('+ torch.compile (UNet)', dict(compile=True)))
+        cases.append(('compile', '+ torch.compile (UNet)', dict(compile=True)))
         recipe['compile'] = True
-    cases.append(('recipe (all speedups)', recipe))
+    cases.append(('recipe', 'recipe (all speedups)', recipe))
     return cases
 
 
-def build(name: str, switches: dict[str, Any], device: torch.device, gpu: bool) -> Any:
-    torch.manual_seed(0)
-    model = FACTORIES[name]()
+CASE_KEYS = ('baseline', 'latents', 'sdpa', 'bf16', 'norms', 'channels_last', 'checkpointing', 'compile', 'recipe')
+
+
+def build(pristine: Any, switches: dict[str, Any], device: torch.device) -> Any:
+    """A copy of ``pristine`` (the seeded, untouched model) on ``device`` with ``switches`` applied."""
+    model = copy.deepcopy(pristine)
     model.to(device).train()
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # NoEffectWarning for models without LayerNorm etc.
@@ -126,6 +136,8 @@ def main() -> None:
     parser.add_argument('--steps', type=int, default=None, help='Timed steps. Default: 10 (tiny), 2 CPU / 10 GPU.')
     parser.add_argument('--warmup', type=int, default=None, help='Default: 1 on CPU, 3 on GPU.')
     parser.add_argument('--compile', action='store_true', help='Add torch.compile rows (default on GPU).')
+    parser.add_argument('--cases', nargs='+', choices=CASE_KEYS, default=None, help='Rows to run (default: all).')
+    parser.add_argument('--json', default=None, help='Also write every row to this JSON file.')
     args = parser.parse_args()
 
     gpu = torch.cuda.is_available()
@@ -134,29 +146,49 @@ def main() -> None:
         torch.cuda.get_device_name() if gpu else f'{platform.machine()} CPU, {torch.get_num_threads()} threads'
     )
     print(f'device: {device_name}; torch {torch.__version__}')
+    rows = []
     for name in args.models:
         resolutions = args.resolutions or ([32] if name == 'tiny' else [256])
         batch_size = args.batch_size or (8 if name == 'tiny' else 32 if gpu else 1)
         steps = args.steps or (10 if name == 'tiny' or gpu else 2)
         warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+        torch.manual_seed(0)
+        pristine = FACTORIES[name]()  # built once on the CPU; each case trains a copy
+        cases = [c for c in case_list(gpu, args.compile or gpu) if not args.cases or c[0] in {'baseline', *args.cases}]
         for resolution in resolutions:
             print(f'\n{name} at {resolution} px, batch {batch_size}, {steps} steps after {warmup} warm-up')
             print('| case | step | images/s | vs baseline | UNet MFU (datasheet / matmul) | peak memory |')
             print('|---|---:|---:|---:|---:|---:|')
             base = None
-            for case, switches in case_list(gpu, args.compile or gpu):
-                model = build(name, switches, device, gpu)
-                batch = make_batch(model, resolution, batch_size, switches.get('latents', False), device)
+            for key, case, switches in cases:
                 if gpu:
                     torch.cuda.reset_peak_memory_stats()
-                seconds = measure(model, batch, switches.get('bf16', gpu), steps, warmup, device)
-                images_per_second = batch_size / seconds
-                base = base or images_per_second
-                mfu = unet_mfu(name, resolution, images_per_second, device_name) if gpu else '-'
+                model = batch = None
+                try:
+                    model = build(pristine, switches, device)
+                    batch = make_batch(model, resolution, batch_size, switches.get('latents', False), device)
+                    seconds = measure(model, batch, switches.get('bf16', gpu), steps, warmup, device)
+                except torch.cuda.OutOfMemoryError:
+                    seconds = None
                 memory = f'{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB' if gpu else '-'
-                ratio = images_per_second / base
-                step = f'{seconds * 1e3:,.0f} ms'
-                print(f'| {case} | {step} | {images_per_second:.3g} | {ratio:.2f}x | {mfu} | {memory} |', flush=True)
+                row = dict(model=name, resolution=resolution, batch_size=batch_size, case=case, device=device_name)
+                if seconds is None:
+                    print(f'| {case} | OOM | - | - | - | {memory} |', flush=True)
+                else:
+                    images_per_second = batch_size / seconds
+                    if key == 'baseline':
+                        base = images_per_second
+                    ratio = images_per_second / base if base else None
+                    mfu = unet_mfu(name, resolution, images_per_second, device_name) if gpu else '-'
+                    shown = f'{ratio:.2f}x' if ratio else '-'
+                    step = f'{seconds * 1e3:,.0f} ms'
+                    print(f'| {case} | {step} | {images_per_second:.3g} | {shown} | {mfu} | {memory} |', flush=True)
+                    row.update(seconds=seconds, images_per_second=images_per_second, vs_baseline=ratio, unet_mfu=mfu)
+                row.update(key=key, torch=torch.__version__, peak_memory=memory)
+                rows.append(row)
+                if args.json:
+                    with open(args.json, 'w') as f:  # after every row: a run cut short keeps what it measured
+                        json.dump(rows, f, indent=2)
                 del model, batch
                 gc.collect()
                 if gpu:

@@ -54,6 +54,7 @@ def test_two_process_cpu_run_with_the_fsdp_config_trains_with_ddp(synthetic_data
         'max_duration=2ba',
         'save_folder=null',
         'progress_bar=false',
+        'device=cpu',  # the fallback under test, also on a machine with GPUs
         '+parallelism_config={fsdp: {sharding_strategy: FULL_SHARD, activation_checkpointing: true}}',
         processes=2,
     )
