@@ -23,7 +23,7 @@ from torch.distributed.fsdp.wrap import CustomPolicy
 
 from diffusion.algorithms.sharded_ema import ShardedEMA, full_parameters
 from diffusion.callbacks.save_pretrained import SavePretrained
-from diffusion.parallelism import mark_fsdp_units
+from diffusion.parallelism import mark_fsdp_units, unsharded
 from tests.conftest import build_tiny_sd
 
 
@@ -106,13 +106,26 @@ def main() -> None:
     sample_kwargs = dict(num_inference_steps=2, guidance_scale=2.0, seed=3)
     sample_diff = float((sharded.generate(['a red circle'], **sample_kwargs) -
                          reference.generate(['a red circle'], **sample_kwargs)).abs().max())  # fmt: skip
+    # A text encoder that trains is sharded too; its unsharded copy (a transformers model) holds its weights.
+    torch.manual_seed(1)
+    with_encoder = build_tiny_sd(train_text_encoder=True)
+    encoder_reference = copy.deepcopy(with_encoder.text_encoder).state_dict()
+    mark_fsdp_units(with_encoder)
+    shard_like_composer(with_encoder)
+    assert isinstance(with_encoder.text_encoder, FSDP)
+    encoder = unsharded(with_encoder.text_encoder)
     if dist.get_global_rank() == 0:
+        encoder_state = encoder.state_dict()
+        assert set(encoder_state) == set(encoder_reference), sorted(set(encoder_state) ^ set(encoder_reference))[:5]
+        encoder_diff = max(float((encoder_state[k] - v).abs().max()) for k, v in encoder_reference.items())
         exported = UNet2DConditionModel.from_pretrained(os.path.join(folder, 'unet')).state_dict()
         assert {f'unet.{k}' for k in exported} >= set(expected), sorted(set(expected) - set(exported))[:5]
         export_diff = max(float((exported[k[len('unet.') :]] - v).abs().max()) for k, v in expected.items())
         print(f'composer_error={composer_error!r}')
-        print(f'OK ema_diff={diff:.3g} swap_diff={swap_diff:.3g} train_diff={train_diff:.3g} params={len(expected)} '
-              f'export_diff={export_diff:.3g} sample_diff={sample_diff:.3g}')  # fmt: skip
+        diffs = dict(ema_diff=diff, swap_diff=swap_diff, train_diff=train_diff, params=len(expected),
+                     export_diff=export_diff, sample_diff=sample_diff, encoder_diff=encoder_diff)  # fmt: skip
+        print('OK ' + ' '.join(f'{name}={value:.3g}' if isinstance(value, float) else f'{name}={value}'
+                               for name, value in diffs.items()))  # fmt: skip
     sys.stdout.flush()
 
 
