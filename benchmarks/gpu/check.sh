@@ -5,8 +5,9 @@
 # There:       the device tool's run with command "bash benchmarks/gpu/check.sh", carry [".whl"], timeout_s 600.
 #              Stages can be picked: "bash benchmarks/gpu/check.sh tests 256" (default: env tests 256 512).
 #
-# Stages, each with its own time limit so that the whole fits one 10-minute call and a slow stage cannot eat the
-# next one's time (the throughput stages write their JSON after every row, so a cut-short stage keeps its rows):
+# Stages, each with its own time limit (570 s in all) so that the whole fits one 10-minute call and a slow stage
+# cannot eat the next one's time; the throughput stages write their JSON after every row, so a stage cut short
+# keeps the rows it measured:
 #   env    the card, driver, torch, and what a large bf16 matrix product reaches on it (the MFU denominator)
 #   tests  the GPU-only tests: inductor compile, flash / memory-efficient / xformers attention, Composer FSDP with
 #          activation checkpointing, scheduled EMA export and resume, MFU logged; the multi-node SD2 yaml at test size
@@ -25,7 +26,7 @@ if [ -d .whl ]; then
         || { echo "installing the carried wheels failed" >&2; exit 1; }
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
 status=0
 run_stage() {  # name, seconds, command...
@@ -42,7 +43,7 @@ run_stage() {  # name, seconds, command...
 for stage in "${stages[@]}"; do
     case $stage in
         env)
-            run_stage env 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+            run_stage env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
                 python3 - <<EOF
 import time, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())
@@ -57,7 +58,7 @@ torch.cuda.synchronize()
 print(f"bf16 matmul 8192^3: {10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12:.0f} TFLOP/s")
 EOF' ;;
         tests)
-            run_stage tests 200 python3 -m pytest -q -p no:cacheprovider -rs \
+            run_stage tests 170 python3 -m pytest -q -p no:cacheprovider -rs \
                 tests/algorithms/test_compile_unet.py tests/algorithms/test_attention_backend.py \
                 tests/test_parallelism.py -m 'gpu or slow' \
                 --deselect tests/test_parallelism.py::test_two_process_cpu_run_with_the_fsdp_config_trains_with_ddp ;;
@@ -65,7 +66,7 @@ EOF' ;;
             run_stage throughput_256 230 python3 benchmarks/throughput.py --models sd2 --resolutions 256 \
                 --batch-size 32 --json "$OUT/throughput_256.json" ;;
         512)
-            run_stage throughput_512 150 python3 benchmarks/throughput.py --models sd2 --resolutions 512 \
+            run_stage throughput_512 140 python3 benchmarks/throughput.py --models sd2 --resolutions 512 \
                 --batch-size 16 --cases latents recipe --json "$OUT/throughput_512.json" ;;
         *)
             echo "unknown stage $stage (env, tests, 256, 512)" >&2
