@@ -14,9 +14,9 @@ is true. :func:`mark_fsdp_units` sets those markers:
 Composer's FSDP needs CUDA (it calls ``torch.cuda.current_device()``); on CPU :func:`resolve_parallelism` says so
 and returns ``None``, so the run uses DDP (gloo) with the same config.
 
-:func:`unsharded` gives export a plain copy of a sharded component, built from torch FSDP's full state dict (a
-collective every rank joins), since ``save_pretrained`` on a sharded module from rank 0 alone starts an all-gather
-that no other rank joins.
+:func:`unsharded` gives export a plain copy of a sharded component (FSDP or FSDP2), built from its full weights
+gathered by every rank, since ``save_pretrained`` on a sharded module from rank 0 alone starts an all-gather that
+no other rank joins (FSDP), or meets tensors it cannot save (FSDP2's DTensors).
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from composer.utils.parallelism import FSDP2Config, FSDPConfig, ParallelismConfi
 from diffusers import ModelMixin
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
-from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+from torch.distributed.fsdp import FSDPModule, FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.tensor import DTensor
 
 from diffusion.algorithms.sharded_ema import clean_parameter_name
 
@@ -89,29 +90,44 @@ def resolve_parallelism(parallelism_config: Optional[dict[str, Any]], device: st
     return parallelism_config
 
 
+def _plain_class(module: torch.nn.Module) -> type:
+    """The module's own class: ``fully_shard`` (FSDP2) swaps in a subclass named ``FSDP<class>``."""
+    return next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))
+
+
 def unsharded(component: torch.nn.Module) -> Optional[torch.nn.Module]:
     """``component`` as a plain module that ``save_pretrained`` can write: itself when nothing in it is sharded.
 
-    When it holds FSDP modules (Composer wraps the UNet, and any encoder that trains), every rank must call this:
-    torch FSDP's full state dict is gathered (a collective; rank 0 alone keeps it, in CPU memory when training on
-    GPUs), and rank 0 gets a copy of the component's class, built from its config on the meta device and given
-    those tensors; other ranks get ``None``. Parameter names lose the FSDP and activation-checkpointing wrappers'
-    segments.
+    When FSDP shards it (Composer wraps the UNet, and any encoder that trains), every rank must call this, since
+    gathering the full weights is a collective. Under FSDP (``parallelism_config.fsdp``) torch's full state dict is
+    gathered, kept by rank 0 alone (in CPU memory when training on GPUs); under FSDP2 (``fsdp2``, parameters are
+    DTensors) each tensor's ``full_tensor()`` is. Rank 0 gets a copy of the component's own class, built from its
+    config on the meta device and given those tensors; other ranks get ``None``. Parameter names lose the FSDP and
+    activation-checkpointing wrappers' segments.
     """
-    if not any(isinstance(module, FSDP) for module in component.modules()):
+    fsdp = any(isinstance(module, FSDP) for module in component.modules())
+    fsdp2 = any(isinstance(parameter, DTensor) for parameter in component.parameters())
+    if not fsdp and not fsdp2:
         return component
-    # Offloading GPU tensors to CPU saves rank 0's GPU memory; on CPU torch's offload path crashes (SIGSEGV).
-    on_gpu = any(parameter.is_cuda for parameter in component.parameters())
-    config = FullStateDictConfig(offload_to_cpu=on_gpu, rank0_only=True)
-    with FSDP.state_dict_type(component, StateDictType.FULL_STATE_DICT, config):
-        state_dict = component.state_dict()
+    if fsdp:
+        # Offloading GPU tensors to CPU saves rank 0's GPU memory; on CPU torch's offload path crashes (SIGSEGV).
+        on_gpu = any(parameter.is_cuda for parameter in component.parameters())
+        config = FullStateDictConfig(offload_to_cpu=on_gpu, rank0_only=True)
+        with FSDP.state_dict_type(component, StateDictType.FULL_STATE_DICT, config):
+            state_dict = component.state_dict()
+    else:
+        state_dict = {
+            name: (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).cpu()
+            for name, tensor in component.state_dict().items()
+        }
     if dist.get_global_rank() != 0:
         return None
     inner = component.module if isinstance(component, FSDP) else component
+    cls = _plain_class(inner)
     with torch.device('meta'):  # no memory and no initialisation: every tensor is replaced below
-        copy = type(inner).from_config(inner.config) if isinstance(inner, ModelMixin) else type(inner)(inner.config)
-    copy.load_state_dict({clean_parameter_name(k): v for k, v in state_dict.items()}, strict=True, assign=True)
-    left = [name for name, tensor in copy.state_dict().items() if tensor.is_meta]
+        plain = cls.from_config(inner.config) if issubclass(cls, ModelMixin) else cls(inner.config)
+    plain.load_state_dict({clean_parameter_name(k): v for k, v in state_dict.items()}, strict=True, assign=True)
+    left = [name for name, tensor in plain.state_dict().items() if tensor.is_meta]
     if left:
-        raise RuntimeError(f'Unsharding {type(inner).__name__}: no full tensor for {", ".join(left[:5])}.')
-    return copy.train(inner.training)
+        raise RuntimeError(f'Unsharding {cls.__name__}: no full tensor for {", ".join(left[:5])}.')
+    return plain.train(inner.training)

@@ -3,7 +3,8 @@
 Shards the tiny model's children with torch FSDP the way Composer's FSDP integration does (one FSDP root per child
 of the ComposerModel, inner units from the ``_fsdp_wrap`` markers), trains it a few steps next to an unsharded copy,
 and checks that ShardedEMA's average equals Composer's EMA on the copy, that the ``save_pretrained`` export (run on
-every rank) writes that average, and that sampling the sharded model gives the unsharded model's images. Prints
+every rank) writes that average, that sampling the sharded model gives the unsharded model's images, and that a
+sharded trained text encoder and an FSDP2 (``fully_shard``) UNet unshard to their exact weights. Prints
 ``OK <max abs diffs>`` on rank 0.
 """
 
@@ -19,6 +20,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 from diffusers import UNet2DConditionModel
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.fsdp.wrap import CustomPolicy
 
 from diffusion.algorithms.sharded_ema import ShardedEMA, full_parameters
@@ -114,7 +116,19 @@ def main() -> None:
     shard_like_composer(with_encoder)
     assert isinstance(with_encoder.text_encoder, FSDP)
     encoder = unsharded(with_encoder.text_encoder)
+    # FSDP2 (fully_shard): DTensor parameters, and a swapped-in FSDP<class> that export must not write.
+    torch.manual_seed(2)
+    unet2 = build_tiny_sd().unet
+    unet2_reference = copy.deepcopy(unet2).state_dict()
+    for block in [*unet2.down_blocks, unet2.mid_block, *unet2.up_blocks]:
+        fully_shard(block)
+    fully_shard(unet2)
+    plain2 = unsharded(unet2)
     if dist.get_global_rank() == 0:
+        assert type(plain2) is UNet2DConditionModel, type(plain2)
+        fsdp2_state = plain2.state_dict()
+        assert set(fsdp2_state) == set(unet2_reference), sorted(set(fsdp2_state) ^ set(unet2_reference))[:5]
+        fsdp2_diff = max(float((fsdp2_state[k] - v).abs().max()) for k, v in unet2_reference.items())
         encoder_state = encoder.state_dict()
         assert set(encoder_state) == set(encoder_reference), sorted(set(encoder_state) ^ set(encoder_reference))[:5]
         encoder_diff = max(float((encoder_state[k] - v).abs().max()) for k, v in encoder_reference.items())
@@ -123,7 +137,8 @@ def main() -> None:
         export_diff = max(float((exported[k[len('unet.') :]] - v).abs().max()) for k, v in expected.items())
         print(f'composer_error={composer_error!r}')
         diffs = dict(ema_diff=diff, swap_diff=swap_diff, train_diff=train_diff, params=len(expected),
-                     export_diff=export_diff, sample_diff=sample_diff, encoder_diff=encoder_diff)  # fmt: skip
+                     export_diff=export_diff, sample_diff=sample_diff, encoder_diff=encoder_diff,
+                     fsdp2_diff=fsdp2_diff)  # fmt: skip
         print('OK ' + ' '.join(f'{name}={value:.3g}' if isinstance(value, float) else f'{name}={value}'
                                for name, value in diffs.items()))  # fmt: skip
     sys.stdout.flush()

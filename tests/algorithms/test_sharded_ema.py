@@ -21,10 +21,19 @@ def test_the_average_of_a_sharded_unet_equals_the_unsharded_one_and_is_what_expo
     stdout = run_script(worker, str(tmp_path / 'export'), processes=2)
     # The failure this class exists for: Composer's EMA on a ComposerModel whose children are FSDP modules.
     assert "composer_error=\"'StableDiffusion' object has no attribute 'module'\"" in stdout
-    names = ('ema_diff', 'swap_diff', 'train_diff', 'params', 'export_diff', 'sample_diff', 'encoder_diff')
+    names = (
+        'ema_diff',
+        'swap_diff',
+        'train_diff',
+        'params',
+        'export_diff',
+        'sample_diff',
+        'encoder_diff',
+        'fsdp2_diff',
+    )
     match = re.search('OK ' + ' '.join(rf'{name}=(\S+)' for name in names), stdout)
     assert match, stdout[-2000:]
-    ema_diff, swap_diff, train_diff, _, export_diff, sample_diff, encoder_diff = map(float, match.groups())
+    ema_diff, swap_diff, train_diff, _, export_diff, sample_diff, encoder_diff, fsdp2_diff = map(float, match.groups())
     assert ema_diff <= 1e-6 and swap_diff <= 1e-6  # the same average, and it is what sampling/export see
     assert train_diff > 1e-4  # ...which differs from the raw trained weights
     assert int(match.group(4)) > 100
@@ -33,3 +42,4 @@ def test_the_average_of_a_sharded_unet_equals_the_unsharded_one_and_is_what_expo
     assert export_diff <= 1e-6
     assert sample_diff <= 1e-5
     assert encoder_diff == 0  # a trained text encoder, sharded, unshards to its exact weights
+    assert fsdp2_diff == 0  # so does a UNet sharded with FSDP2's fully_shard (DTensor parameters)
