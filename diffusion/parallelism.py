@@ -12,7 +12,9 @@ is true. :func:`mark_fsdp_units` sets those markers:
   step; one that trains is sharded like the UNet.
 
 Composer's FSDP needs CUDA (it calls ``torch.cuda.current_device()``); on CPU :func:`resolve_parallelism` says so
-and returns ``None``, so the run uses DDP (gloo) with the same config.
+and returns ``None``, so the run uses DDP (gloo) with the same config. Composer's FSDP2 (``fully_shard``, chosen
+with ``FSDP_VERSION=2`` and the same ``fsdp`` section) also shards on CPU over gloo, so there the config is kept.
+A ``parallelism_config.fsdp2`` section is refused: Composer's Trainer never reads it and would train unsharded.
 
 :func:`unsharded` gives export a plain copy of a sharded component (FSDP or FSDP2), built from its full weights
 gathered by every rank, since ``save_pretrained`` on a sharded module from rank 0 alone starts an all-gather that
@@ -22,6 +24,7 @@ no other rank joins (FSDP), or meets tensors it cannot save (FSDP2's DTensors).
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from typing import Any, Optional
 
@@ -41,8 +44,18 @@ __all__ = ['check_parallelism_config', 'mark_fsdp_units', 'resolve_parallelism',
 
 CPU_FSDP_MESSAGE = (
     'parallelism_config.fsdp is set but this run is on CPU: Composer runs FSDP on CUDA GPUs only. '
-    'Training continues with DDP (each rank holds the full model); the FSDP settings apply on GPUs.'
+    'Training continues with DDP (each rank holds the full model); the FSDP settings apply on GPUs. '
+    '(FSDP2, chosen with the environment variable FSDP_VERSION=2, also shards on CPU.)'
 )
+FSDP2_SECTION_MESSAGE = (
+    "parallelism_config.fsdp2 is ignored by Composer's Trainer, which would train unsharded. For FSDP2, set the "
+    'environment variable FSDP_VERSION=2 and configure parallelism_config.fsdp.'
+)
+
+
+def fsdp2_selected() -> bool:
+    """Whether Composer turns ``parallelism_config.fsdp`` into FSDP2 (``fully_shard``): ``FSDP_VERSION=2``."""
+    return os.environ.get('FSDP_VERSION', '1') == '2'
 
 
 def _checkpointed(module: Any) -> bool:
@@ -64,23 +77,30 @@ def mark_fsdp_units(model: Any) -> None:
 
 def check_parallelism_config(parallelism_config: Optional[dict[str, Any]]) -> None:
     """Fail on an unknown section or key: Composer's ``FSDPConfig`` would silently keep a misspelled key."""
-    sections = {f.name: f for f in dataclasses.fields(ParallelismConfig)}
+    sections = [f.name for f in dataclasses.fields(ParallelismConfig) if f.name != 'fsdp2']
     for section, options in (parallelism_config or {}).items():
+        if section == 'fsdp2':  # a field of ParallelismConfig that the Trainer's dict handling never reads
+            raise ValueError(FSDP2_SECTION_MESSAGE)
         if section not in sections:
             raise ValueError(f'Unknown key parallelism_config.{section}. Valid keys: {", ".join(sections)}.')
-        schema = {'fsdp': FSDPConfig, 'fsdp2': FSDP2Config, 'tp': TPConfig}[section]
-        valid = [f.name for f in dataclasses.fields(schema) if not f.name.startswith('_')]
+        if section == 'tp':
+            schemas = [TPConfig]
+        else:  # FSDP2 takes its own keys too (Composer drops FSDP-only ones from it with a warning)
+            schemas = [FSDPConfig, FSDP2Config] if fsdp2_selected() else [FSDPConfig]
+        valid = list(dict.fromkeys(f.name for schema in schemas for f in dataclasses.fields(schema)))
+        valid = [name for name in valid if not name.startswith('_')]
         for key in options or {}:
             if key not in valid:
                 raise ValueError(f'Unknown key parallelism_config.{section}.{key}. Valid keys: {", ".join(valid)}.')
 
 
 def resolve_parallelism(parallelism_config: Optional[dict[str, Any]], device: str, model: Any) -> Optional[dict]:
-    """The parallelism config to give the Trainer: FSDP markers set on GPU, FSDP dropped with a message on CPU."""
+    """The parallelism config to give the Trainer: FSDP markers set on GPU (and for FSDP2 on CPU too, where it
+    runs over gloo), FSDP dropped with a message on CPU."""
     check_parallelism_config(parallelism_config)
     if not parallelism_config or not parallelism_config.get('fsdp'):
         return parallelism_config or None
-    if device != 'gpu':
+    if device != 'gpu' and not fsdp2_selected():
         warnings.warn(CPU_FSDP_MESSAGE, stacklevel=2)
         if dist.get_global_rank() == 0:
             print(CPU_FSDP_MESSAGE, flush=True)

@@ -11,6 +11,12 @@ parameters are summoned (with write-back) around each EMA step, and names are gi
 
 Without FSDP it behaves exactly like Composer's EMA. Cost under FSDP: one all-gather of the trained parameters per
 EMA update (the same as Composer's approach for a root-wrapped model), and a full copy of them on every rank.
+
+Under FSDP2 (``fully_shard``, Composer's ``FSDP_VERSION=2``) parameters are DTensors and keep their names, so
+Composer's averaging works shard by shard and no gathering is needed per update. But its state dict would hold this
+rank's shards, and a full checkpoint (written by rank 0) would hand every rank rank 0's shards on resume; here the
+averages are saved whole (gathered on every rank as the checkpoint is taken) and sharded again like the model's
+parameters when training starts.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from composer.algorithms import EMA
 from composer.core import Event, State
 from composer.loggers import Logger
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 __all__ = ['ShardedEMA', 'clean_parameter_name']
 
@@ -75,6 +82,11 @@ def _top_level_fsdp(module: torch.nn.Module) -> Iterator[FSDP]:
             yield from _top_level_fsdp(child)
 
 
+def _gathered(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with every DTensor gathered whole (a collective) into CPU memory."""
+    return {name: t.full_tensor().cpu() if isinstance(t, DTensor) else t for name, t in tensors.items()}
+
+
 @contextlib.contextmanager
 def full_parameters(model: torch.nn.Module) -> Iterator[None]:
     """Summon the full parameters of every top-level FSDP module in ``model``, written back on exit."""
@@ -96,7 +108,30 @@ class ShardedEMA(EMA):
         with full_parameters(state.model) if starting else contextlib.nullcontext():
             return super().match(event, _StateView(state))  # type: ignore[arg-type]
 
+    def state_dict(self) -> dict[str, Any]:
+        # Under FSDP2 the averages are DTensors holding this rank's shard, and a full (rank-0) checkpoint would give
+        # every rank rank 0's shards on resume; they are saved whole (gathered on every rank, as checkpointing is).
+        state = super().state_dict()
+        if isinstance(state.get('ema_model'), dict):
+            state['ema_model'] = {key: _gathered(tensors) for key, tensors in state['ema_model'].items()}
+        return state
+
+    def _reshard(self, state: State) -> None:
+        """Give loaded (whole) averages the sharding of the model's DTensor parameters again (FSDP2)."""
+        if self.ema_model is None:
+            return
+        parameters = dict(_FullParameterView(state.model).named_parameters())
+        averages = self.ema_model.named_parameters_dict
+        for name, tensor in averages.items():
+            parameter = parameters.get(name)
+            if isinstance(parameter, DTensor) and not isinstance(tensor, DTensor):
+                averages[name] = distribute_tensor(
+                    tensor.to(parameter.device), parameter.device_mesh, parameter.placements
+                )
+
     def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.FIT_START:  # after a checkpoint was loaded, before the first update
+            self._reshard(state)
         with full_parameters(state.model):
             super().apply(event, _StateView(state), logger)  # type: ignore[arg-type]
 
