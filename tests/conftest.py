@@ -92,6 +92,14 @@ TEST_XL_MODEL_OVERRIDES = [
 ]
 
 
+# A scheduled-EMA run whose average clearly differs from the raw weights: EMA from batch 2, large steps.
+EMA_TEST_OVERRIDES = (
+    '+algorithms.ema={half_life: 2ba, ema_start: 2ba}',
+    'train_dataloader.batch_size=16',
+    'optimizer.lr=1e-2',
+)
+
+
 def tiny_config(data: str, run_folder: str, *overrides: str):
     """yamls/tiny_sd_cpu.yaml at test size on ``data`` (16px), writing to ``run_folder``."""
     return load_config(

@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 from diffusion.algorithms.sharded_ema import clean_parameter_name
 from diffusion.callbacks.ema_weights import find_ema
 from diffusion.train import build_trainer
-from tests.conftest import tiny_config
+from tests.conftest import EMA_TEST_OVERRIDES, tiny_config
 
 
 def whole(tensors: dict) -> dict:
@@ -26,13 +26,8 @@ def whole(tensors: dict) -> dict:
 
 def main() -> None:
     data, root = sys.argv[1], sys.argv[2]
-    common = (
-        '+parallelism_config={fsdp: {state_dict_type: full, activation_checkpointing: true}}',
-        '+algorithms.ema={half_life: 2ba, ema_start: 2ba}',
-        'train_dataloader.batch_size=16',
-        'optimizer.lr=1e-2',  # large steps, so that averaged and raw weights differ clearly
-        'save_interval=3ba',
-    )
+    fsdp = '+parallelism_config={fsdp: {state_dict_type: full, activation_checkpointing: true}}'
+    common = (fsdp, *EMA_TEST_OVERRIDES, 'save_interval=3ba')
 
     def fit(name: str, *overrides: str):
         trainer = build_trainer(tiny_config(data, os.path.join(root, name), *common, *overrides))

@@ -16,6 +16,7 @@ from diffusion.callbacks.ema_weights import find_ema
 from diffusion.parallelism import CPU_FSDP_MESSAGE, mark_fsdp_units, resolve_parallelism
 from diffusion.train import build_trainer
 from tests.conftest import (
+    EMA_TEST_OVERRIDES,
     REPO_ROOT,
     TEST_MODEL_OVERRIDES,
     TINY_YAML,
@@ -167,11 +168,9 @@ def test_on_a_gpu_composer_shards_the_unet_and_scheduled_ema_exports_and_resumes
     )
     common = (
         fsdp,
+        *EMA_TEST_OVERRIDES,
         'precision=amp_bf16',
-        '+algorithms.ema={half_life: 2ba, ema_start: 2ba}',
         '+callbacks.speed_monitor={window_size: 2}',
-        'train_dataloader.batch_size=16',
-        'optimizer.lr=1e-2',  # large steps, so that averaged and raw weights differ clearly
         'save_interval=3ba',
     )
 

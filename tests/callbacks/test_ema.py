@@ -6,18 +6,11 @@ from diffusers import UNet2DConditionModel
 
 from diffusion.callbacks.ema_weights import ema_weights, find_ema
 from diffusion.train import build_trainer
-from tests.conftest import tiny_config
+from tests.conftest import EMA_TEST_OVERRIDES, tiny_config
 
 
 def ema_run(data: str, folder: str, *overrides: str):
-    cfg = tiny_config(
-        data,
-        folder,
-        '+algorithms.ema={half_life: 2ba, ema_start: 2ba}',
-        'train_dataloader.batch_size=16',
-        'optimizer.lr=1e-2',  # large steps, so that averaged and raw weights differ clearly
-        *overrides,
-    )
+    cfg = tiny_config(data, folder, *EMA_TEST_OVERRIDES, *overrides)
     return build_trainer(cfg)
 
 
