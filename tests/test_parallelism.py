@@ -1,4 +1,5 @@
-"""FSDP through the parallelism config: the markers Composer's FSDP reads, and the CPU fallback to DDP."""
+"""FSDP through the parallelism config: the markers Composer reads, the CPU fallback to DDP, FSDP2 on CPU, and (on
+a GPU) Composer FSDP with scheduled EMA."""
 
 import os
 import re
