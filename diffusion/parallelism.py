@@ -38,7 +38,7 @@ from torch.distributed.fsdp import FSDPModule, FullStateDictConfig, StateDictTyp
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.tensor import DTensor
 
-from diffusion.algorithms.sharded_ema import clean_parameter_name
+from diffusion.algorithms.sharded_ema import clean_parameter_name, gather_dtensors
 
 __all__ = ['check_parallelism_config', 'mark_fsdp_units', 'resolve_parallelism', 'unsharded']
 
@@ -120,10 +120,10 @@ def unsharded(component: torch.nn.Module) -> Optional[torch.nn.Module]:
 
     When FSDP shards it (Composer wraps the UNet, and any encoder that trains), every rank must call this, since
     gathering the full weights is a collective. Under FSDP (``parallelism_config.fsdp``) torch's full state dict is
-    gathered, kept by rank 0 alone (in CPU memory when training on GPUs); under FSDP2 (``fsdp2``, parameters are
-    DTensors) each tensor's ``full_tensor()`` is. Rank 0 gets a copy of the component's own class, built from its
-    config on the meta device and given those tensors; other ranks get ``None``. Parameter names lose the FSDP and
-    activation-checkpointing wrappers' segments.
+    gathered, kept by rank 0 alone (in CPU memory when training on GPUs); under FSDP2 (``FSDP_VERSION=2``,
+    parameters are DTensors) each tensor's ``full_tensor()`` is. Rank 0 gets a copy of the component's own class,
+    built from its config on the meta device and given those tensors; other ranks get ``None``. Parameter names
+    lose the FSDP and activation-checkpointing wrappers' segments.
     """
     fsdp = any(isinstance(module, FSDP) for module in component.modules())
     fsdp2 = any(isinstance(parameter, DTensor) for parameter in component.parameters())
@@ -136,10 +136,7 @@ def unsharded(component: torch.nn.Module) -> Optional[torch.nn.Module]:
         with FSDP.state_dict_type(component, StateDictType.FULL_STATE_DICT, config):
             state_dict = component.state_dict()
     else:
-        state_dict = {
-            name: (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).cpu()
-            for name, tensor in component.state_dict().items()
-        }
+        state_dict = {name: tensor.cpu() for name, tensor in gather_dtensors(component.state_dict()).items()}
     if dist.get_global_rank() != 0:
         return None
     inner = component.module if isinstance(component, FSDP) else component

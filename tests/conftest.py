@@ -100,6 +100,11 @@ EMA_TEST_OVERRIDES = (
 )
 
 
+def max_abs_diff(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
+    """The largest ``|got[k] - expected[k]|`` over ``expected``'s keys (compared on the CPU)."""
+    return max(float((got[k].cpu() - v.cpu()).abs().max()) for k, v in expected.items())
+
+
 def tiny_config(data: str, run_folder: str, *overrides: str):
     """yamls/tiny_sd_cpu.yaml at test size on ``data`` (16px), writing to ``run_folder``."""
     return load_config(

@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 from diffusion.algorithms.sharded_ema import clean_parameter_name
 from diffusion.callbacks.ema_weights import find_ema
 from diffusion.train import build_trainer
-from tests.conftest import EMA_TEST_OVERRIDES, tiny_config
+from tests.conftest import EMA_TEST_OVERRIDES, max_abs_diff, tiny_config
 
 
 def whole(tensors: dict) -> dict:
@@ -49,10 +49,10 @@ def main() -> None:
     if dist.get_global_rank() == 0:
         exported = UNet2DConditionModel.from_pretrained(os.path.join(root, 'export', 'unet')).state_dict()
         diffs = dict(
-            weights=max(float((resumed_trained[k] - v).abs().max()) for k, v in trained.items()),
-            ema=max(float((resumed_average[k] - v).abs().max()) for k, v in average.items()),
-            gap=max(float((average[k] - v).abs().max()) for k, v in trained.items()),
-            export=max(float((exported[k[len('unet.') :]] - v).abs().max()) for k, v in average.items()),
+            weights=max_abs_diff(resumed_trained, trained),
+            ema=max_abs_diff(resumed_average, average),
+            gap=max_abs_diff(average, trained),
+            export=max_abs_diff({f'unet.{k}': v for k, v in exported.items()}, average),
         )
         print(f'sharded={sharded} ' + ' '.join(f'{name}={value:.3g}' for name, value in diffs.items()))
     sys.stdout.flush()

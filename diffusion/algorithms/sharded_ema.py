@@ -31,7 +31,7 @@ from composer.loggers import Logger
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-__all__ = ['ShardedEMA', 'clean_parameter_name']
+__all__ = ['ShardedEMA', 'clean_parameter_name', 'gather_dtensors']
 
 # Prefixes that FSDP and activation checkpointing insert into parameter names.
 WRAPPER_PREFIXES = ('_fsdp_wrapped_module.', '_checkpoint_wrapped_module.', '_orig_mod.')
@@ -82,8 +82,8 @@ def _top_level_fsdp(module: torch.nn.Module) -> Iterator[FSDP]:
             yield from _top_level_fsdp(child)
 
 
-def _gathered(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``tensors`` with every DTensor gathered whole (a collective) into CPU memory."""
+def gather_dtensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with every DTensor (FSDP2's shards) gathered whole into CPU memory: a collective of all ranks."""
     return {name: t.full_tensor().cpu() if isinstance(t, DTensor) else t for name, t in tensors.items()}
 
 
@@ -113,7 +113,7 @@ class ShardedEMA(EMA):
         # every rank rank 0's shards on resume; they are saved whole (gathered on every rank, as checkpointing is).
         state = super().state_dict()
         if isinstance(state.get('ema_model'), dict):
-            state['ema_model'] = {key: _gathered(tensors) for key, tensors in state['ema_model'].items()}
+            state['ema_model'] = {key: gather_dtensors(tensors) for key, tensors in state['ema_model'].items()}
         return state
 
     def _reshard(self, state: State) -> None:

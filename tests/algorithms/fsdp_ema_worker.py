@@ -26,7 +26,7 @@ from torch.distributed.fsdp.wrap import CustomPolicy
 from diffusion.algorithms.sharded_ema import ShardedEMA, full_parameters
 from diffusion.callbacks.save_pretrained import SavePretrained
 from diffusion.parallelism import mark_fsdp_units, unsharded
-from tests.conftest import build_tiny_sd
+from tests.conftest import build_tiny_sd, max_abs_diff
 
 
 def shard_like_composer(model: torch.nn.Module) -> None:
@@ -90,16 +90,16 @@ def main() -> None:
     averaged = sharded_ema.ema_model.named_parameters_dict
     expected = reference_ema.ema_model.named_parameters_dict
     assert set(averaged) == set(expected), sorted(set(averaged) ^ set(expected))[:5]
-    diff = max(float((averaged[k] - expected[k]).abs().max()) for k in expected)
+    diff = max_abs_diff(averaged, expected)
     # Swapping in the EMA weights (what sampling and export do) gives the averaged UNet on every rank.
     sharded_ema._ensure_ema_weights_active(sharded_state)
     with full_parameters(sharded):
         unet = {f'unet.{k}': v.detach().clone() for k, v in sharded.unet.named_parameters()}
     sharded_ema._ensure_training_weights_active(sharded_state)
     unet = {k.replace('_fsdp_wrapped_module.', ''): v for k, v in unet.items()}
-    swap_diff = max(float((unet[k] - expected[k]).abs().max()) for k in unet)
+    swap_diff = max_abs_diff(expected, unet)
     trained = {f'unet.{k}': v for k, v in reference.unet.named_parameters()}
-    train_diff = max(float((trained[k] - expected[k]).abs().max()) for k in trained)
+    train_diff = max_abs_diff(expected, trained)
     # Export on every rank, as the callback runs at fit end: rank 0 alone would start an all-gather nobody joins.
     folder = sys.argv[1]
     sharded_state.algorithms = [sharded_ema]
@@ -128,13 +128,13 @@ def main() -> None:
         assert type(plain2) is UNet2DConditionModel, type(plain2)
         fsdp2_state = plain2.state_dict()
         assert set(fsdp2_state) == set(unet2_reference), sorted(set(fsdp2_state) ^ set(unet2_reference))[:5]
-        fsdp2_diff = max(float((fsdp2_state[k] - v).abs().max()) for k, v in unet2_reference.items())
+        fsdp2_diff = max_abs_diff(fsdp2_state, unet2_reference)
         encoder_state = encoder.state_dict()
         assert set(encoder_state) == set(encoder_reference), sorted(set(encoder_state) ^ set(encoder_reference))[:5]
-        encoder_diff = max(float((encoder_state[k] - v).abs().max()) for k, v in encoder_reference.items())
+        encoder_diff = max_abs_diff(encoder_state, encoder_reference)
         exported = UNet2DConditionModel.from_pretrained(os.path.join(folder, 'unet')).state_dict()
         assert {f'unet.{k}' for k in exported} >= set(expected), sorted(set(expected) - set(exported))[:5]
-        export_diff = max(float((exported[k[len('unet.') :]] - v).abs().max()) for k, v in expected.items())
+        export_diff = max_abs_diff({f'unet.{k}': v for k, v in exported.items()}, expected)
         print(f'composer_error={composer_error!r}')
         diffs = dict(ema_diff=diff, swap_diff=swap_diff, train_diff=train_diff, params=len(expected),
                      export_diff=export_diff, sample_diff=sample_diff, encoder_diff=encoder_diff,
