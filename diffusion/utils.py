@@ -1,13 +1,15 @@
-"""Small helpers shared across the package: config-key checks against builders, unwrapping DDP."""
+"""Small helpers shared across the package: named registries, config-key checks against builders, unwrapping DDP."""
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Collection, Mapping
+from typing import Any, Callable, Collection, Mapping, Optional
+
+import catalogue
 
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ['accepted_keys', 'check_kwargs', 'forwards_kwargs', 'unwrap_model']
+__all__ = ['Registry', 'accepted_keys', 'check_kwargs', 'forwards_kwargs', 'unwrap_model']
 
 
 def forwards_kwargs(*targets: Callable, exclude: Collection[str] = ()) -> Callable:
@@ -62,3 +64,56 @@ def check_kwargs(builder: Callable, kwargs: Mapping[str, Any], *, where: str, pr
 def unwrap_model(model: Any) -> Any:
     """The ComposerModel inside a ``DistributedDataParallel`` wrapper (Composer wraps ``state.model`` under DDP)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+class Registry:
+    """A named registry of builders with a one-line description, backed by ``catalogue``.
+
+    Args:
+        name (str): Name of the registry, also used in error messages (e.g. ``'algorithms'``).
+        description (str): One line saying what the registered builders return.
+    """
+
+    def __init__(self, name: str, description: str):
+        self.name = name
+        self.description = description
+        self._registry = catalogue.create('diffusion', name, entry_points=True)
+
+    def register(self, name: str, func: Optional[Callable] = None) -> Callable:
+        """Register ``func`` under ``name``; usable as a decorator when ``func`` is omitted."""
+        return self._registry.register(name, func=func)
+
+    def register_all(self, builders: Mapping[str, Callable]) -> None:
+        """Register each ``name: builder`` of ``builders``."""
+        for name, builder in builders.items():
+            self.register(name, func=builder)
+
+    def get(self, name: str) -> Callable:
+        """Return the builder registered as ``name``, or raise a ``ValueError`` listing the valid names."""
+        if name not in self._registry:
+            raise ValueError(f'Unknown {self.name} name {name!r}. Valid names: {", ".join(self.names())}.')
+        return self._registry.get(name)
+
+    def names(self) -> list[str]:
+        """All registered names, sorted."""
+        return sorted(self._registry.get_all())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._registry
+
+    def build(self, name: str, kwargs: Optional[Mapping[str, Any]] = None, *, where: str = '', **extra: Any) -> Any:
+        """Build ``name`` with ``kwargs`` from a config plus ``extra`` arguments supplied by the code.
+
+        Args:
+            name (str): Registered name.
+            kwargs (Mapping[str, Any], optional): Keyword arguments from the config.
+            where (str): Config path of ``kwargs`` for error messages, e.g. ``'algorithms.ema'``.
+            **extra: Arguments the caller provides (e.g. the tokenizer for a dataloader); not user keys.
+        """
+        kwargs = dict(kwargs or {})
+        self.check(name, kwargs, where=where, provided=extra.keys())
+        return self.get(name)(**kwargs, **extra)
+
+    def check(self, name: str, kwargs: Optional[Mapping[str, Any]] = None, *, where: str = '', provided=()) -> None:
+        """Raise a ``ValueError`` if ``name`` is unknown or ``kwargs`` has a key its builder does not take."""
+        check_kwargs(self.get(name), kwargs or {}, where=where or f'{self.name}.{name}', provided=provided)

@@ -3,7 +3,7 @@
 CommonCanvas replaces the noisy or missing alt-text of Creative-Commons images with captions written by a
 pretrained image-captioning model, BLIP-2. This module wraps transformers' ``Blip2ForConditionalGeneration`` and
 ``Blip2Processor`` behind a small :class:`Captioner` interface, and keeps the captioners in a
-:class:`diffusion.registry.Registry` so that ``--captioner blip2`` picks one and third-party packages can add more
+:class:`diffusion.utils.Registry` so that ``--captioner blip2`` picks one and third-party packages can add more
 through the ``diffusion_captioners`` entry-point group.
 
 :func:`save_tiny_blip2` writes a tiny random-weight BLIP-2 folder (model, image processor and a tokenizer built
@@ -30,7 +30,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from diffusion.registry import Registry
+from diffusion.utils import Registry
 
 __all__ = ['Blip2Captioner', 'Captioner', 'build_captioner', 'captioners', 'save_tiny_blip2']
 
