@@ -19,14 +19,20 @@ A ``parallelism_config.fsdp2`` section is refused: Composer's Trainer never read
 :func:`unsharded` gives export a plain copy of a sharded component (FSDP or FSDP2), built from its full weights
 gathered by every rank, since ``save_pretrained`` on a sharded module from rank 0 alone starts an all-gather that
 no other rank joins (FSDP), or meets tensors it cannot save (FSDP2's DTensors).
+
+The generic FSDP helpers that the EMA plugin, export and checkpoint loading share live here too:
+:func:`clean_parameter_name` (names without the wrappers' segments), :func:`gather_dtensors` (FSDP2 shards gathered
+whole) and :func:`full_parameters` (every top-level FSDP module's full parameters summoned). This module imports
+nothing else of the package, so any layer above the models can use it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from composer.utils import dist
@@ -38,9 +44,18 @@ from torch.distributed.fsdp import FSDPModule, FullStateDictConfig, StateDictTyp
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.tensor import DTensor
 
-from diffusion.algorithms.sharded_ema import clean_parameter_name, gather_dtensors
+__all__ = [
+    'check_parallelism_config',
+    'clean_parameter_name',
+    'full_parameters',
+    'gather_dtensors',
+    'mark_fsdp_units',
+    'resolve_parallelism',
+    'unsharded',
+]
 
-__all__ = ['check_parallelism_config', 'mark_fsdp_units', 'resolve_parallelism', 'unsharded']
+# Prefixes that FSDP and activation checkpointing insert into parameter names.
+WRAPPER_PREFIXES = ('_fsdp_wrapped_module.', '_checkpoint_wrapped_module.', '_orig_mod.')
 
 CPU_FSDP_MESSAGE = (
     'parallelism_config.fsdp is set but this run is on CPU: Composer runs FSDP on CUDA GPUs only. '
@@ -108,6 +123,35 @@ def resolve_parallelism(parallelism_config: Optional[dict[str, Any]], device: st
         return rest or None
     mark_fsdp_units(model)
     return parallelism_config
+
+
+def clean_parameter_name(name: str) -> str:
+    """``name`` without the wrapper segments FSDP, checkpoint wrappers and ``torch.compile`` insert."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, '')
+    return name
+
+
+def gather_dtensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with every DTensor (FSDP2's shards) gathered whole into CPU memory: a collective of all ranks."""
+    return {name: t.full_tensor().cpu() if isinstance(t, DTensor) else t for name, t in tensors.items()}
+
+
+def _top_level_fsdp(module: torch.nn.Module) -> Iterator[FSDP]:
+    for child in module.children():
+        if isinstance(child, FSDP):
+            yield child
+        else:
+            yield from _top_level_fsdp(child)
+
+
+@contextlib.contextmanager
+def full_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """Summon the full parameters of every top-level FSDP module in ``model``, written back on exit."""
+    with contextlib.ExitStack() as stack:
+        for module in [model] if isinstance(model, FSDP) else list(_top_level_fsdp(model)):
+            stack.enter_context(FSDP.summon_full_params(module, writeback=True, recurse=True))
+        yield
 
 
 def _plain_class(module: torch.nn.Module) -> type:

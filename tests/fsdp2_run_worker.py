@@ -14,8 +14,8 @@ from composer.utils import dist
 from diffusers import UNet2DConditionModel
 from torch.distributed.tensor import DTensor
 
-from diffusion.algorithms.sharded_ema import clean_parameter_name
 from diffusion.callbacks.ema_weights import find_ema
+from diffusion.parallelism import clean_parameter_name
 from diffusion.train import build_trainer
 from tests.conftest import EMA_TEST_OVERRIDES, max_abs_diff, tiny_config
 

@@ -12,9 +12,14 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-from diffusion.algorithms.sharded_ema import clean_parameter_name, full_parameters
 from diffusion.callbacks.ema_weights import find_ema
-from diffusion.parallelism import CPU_FSDP_MESSAGE, mark_fsdp_units, resolve_parallelism
+from diffusion.parallelism import (
+    CPU_FSDP_MESSAGE,
+    clean_parameter_name,
+    full_parameters,
+    mark_fsdp_units,
+    resolve_parallelism,
+)
 from diffusion.train import build_trainer
 from tests.conftest import (
     EMA_TEST_OVERRIDES,

@@ -28,20 +28,11 @@ import torch
 from composer.algorithms import EMA
 from composer.core import Event, State
 from composer.loggers import Logger
-from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-__all__ = ['ShardedEMA', 'clean_parameter_name', 'gather_dtensors']
+from diffusion.parallelism import clean_parameter_name, full_parameters, gather_dtensors
 
-# Prefixes that FSDP and activation checkpointing insert into parameter names.
-WRAPPER_PREFIXES = ('_fsdp_wrapped_module.', '_checkpoint_wrapped_module.', '_orig_mod.')
-
-
-def clean_parameter_name(name: str) -> str:
-    """``name`` without the wrapper segments FSDP, checkpoint wrappers and ``torch.compile`` insert."""
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, '')
-    return name
+__all__ = ['ShardedEMA']
 
 
 class _FullParameterView:
@@ -72,28 +63,6 @@ class _StateView:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._state, name)
-
-
-def _top_level_fsdp(module: torch.nn.Module) -> Iterator[FSDP]:
-    for child in module.children():
-        if isinstance(child, FSDP):
-            yield child
-        else:
-            yield from _top_level_fsdp(child)
-
-
-def gather_dtensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``tensors`` with every DTensor (FSDP2's shards) gathered whole into CPU memory: a collective of all ranks."""
-    return {name: t.full_tensor().cpu() if isinstance(t, DTensor) else t for name, t in tensors.items()}
-
-
-@contextlib.contextmanager
-def full_parameters(model: torch.nn.Module) -> Iterator[None]:
-    """Summon the full parameters of every top-level FSDP module in ``model``, written back on exit."""
-    with contextlib.ExitStack() as stack:
-        for module in [model] if isinstance(model, FSDP) else list(_top_level_fsdp(model)):
-            stack.enter_context(FSDP.summon_full_params(module, writeback=True, recurse=True))
-        yield
 
 
 class ShardedEMA(EMA):

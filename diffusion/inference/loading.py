@@ -30,9 +30,9 @@ from composer.utils import get_file, parse_uri
 from diffusers import DDPMScheduler
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.algorithms.sharded_ema import clean_parameter_name
 from diffusion.checkpointing import MANIFEST_SUFFIX, UntrustedCheckpointError, validate_checkpoint
 from diffusion.models.noise import INFERENCE_SCHEDULERS
+from diffusion.parallelism import clean_parameter_name
 
 __all__ = [
     'CONFIG_FILENAME',

@@ -23,9 +23,9 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.fsdp.wrap import CustomPolicy
 
-from diffusion.algorithms.sharded_ema import ShardedEMA, full_parameters
+from diffusion.algorithms.sharded_ema import ShardedEMA
 from diffusion.callbacks.save_pretrained import SavePretrained
-from diffusion.parallelism import mark_fsdp_units, unsharded
+from diffusion.parallelism import full_parameters, mark_fsdp_units, unsharded
 from tests.conftest import build_tiny_sd, max_abs_diff
 
 

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from diffusion.algorithms.sharded_ema import clean_parameter_name
+from diffusion.parallelism import clean_parameter_name
 from tests.conftest import REPO_ROOT, run_script
 
 
