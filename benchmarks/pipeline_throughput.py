@@ -31,8 +31,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from diffusion.data.images import decode_image, downscale, encode_image
 from diffusion.pipeline.filtering import FilterOptions, filter_dataset
-from diffusion.pipeline.images import decode_image, downscale, encode_image, perceptual_hash
+from diffusion.pipeline.images import perceptual_hash
 from diffusion.pipeline.ingest import IngestOptions, ingest
 
 

@@ -34,8 +34,8 @@ from streaming import StreamingDataset
 from streaming.base.dataset import _ShardState
 from streaming.base.format.base.reader import Reader
 
+from diffusion.data.licenses import allowed_licenses
 from diffusion.data.shard_integrity import AUTO, ShardIntegrityError, choose_validate_hash, verify_local_shards
-from diffusion.pipeline.licenses import allowed_licenses
 
 __all__ = ['FaultTolerantStreamingDataset', 'LicenseError', 'ShardDownloadError', 'UnusableSample']
 

@@ -33,6 +33,7 @@ from torchvision import transforms
 from torchvision.transforms import functional as TF
 from transformers import PreTrainedTokenizerBase
 
+from diffusion.data import images
 from diffusion.data.aspect_buckets import (
     AspectBucketSampler,
     BucketedDataLoader,
@@ -42,7 +43,6 @@ from diffusion.data.aspect_buckets import (
 )
 from diffusion.data.faults import FaultTolerantStreamingDataset, UnusableSample
 from diffusion.data.shard_integrity import AUTO
-from diffusion.pipeline import images
 
 __all__ = [
     'StreamingImageCaptionDataset',

@@ -32,9 +32,9 @@ from PIL import Image, ImageDraw
 from streaming import MDSWriter
 from tqdm import tqdm
 
+from diffusion.data import images
 from diffusion.data.aspect_buckets import SIZE_CACHE_FILE
 from diffusion.data.shard_integrity import SHARD_HASHES
-from diffusion.pipeline import images
 
 __all__ = [
     'ATTRIBUTION_NAMES',

@@ -137,7 +137,7 @@ class MDSImages:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Image.Image:
-        from diffusion.pipeline.images import decode_image
+        from diffusion.data.images import decode_image
 
         sample = self.dataset[index]
         if self.column not in sample:

@@ -13,9 +13,9 @@ import json
 import sys
 from typing import Optional, Sequence
 
+from diffusion.data.licenses import LICENSE_PRESETS
 from diffusion.pipeline.filtering import FilterOptions, filter_dataset
 from diffusion.pipeline.ingest import IngestOptions, ingest
-from diffusion.pipeline.licenses import LICENSE_PRESETS
 from diffusion.pipeline.report import report_outputs
 from diffusion.pipeline.runner import StageRunner, rank_info
 from diffusion.pipeline.sources import SOURCES

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
+from diffusion.data.licenses import allowed_licenses
 from diffusion.pipeline.images import NearDuplicateIndex
-from diffusion.pipeline.licenses import allowed_licenses
 from diffusion.pipeline.runner import Drop, StageRunner
 from diffusion.pipeline.shards import InputDataset, require_input
 

@@ -17,15 +17,9 @@ from typing import Any, Optional, Sequence
 
 from PIL import Image
 
-from diffusion.pipeline.images import (
-    ImageError,
-    content_hash,
-    decode_image,
-    downscale,
-    encode_image,
-    perceptual_hash,
-)
-from diffusion.pipeline.licenses import normalize_license
+from diffusion.data.images import ImageError, decode_image, downscale, encode_image
+from diffusion.data.licenses import normalize_license
+from diffusion.pipeline.images import content_hash, perceptual_hash
 from diffusion.pipeline.runner import Drop, StageRunner
 from diffusion.pipeline.sources import IMAGE_EXTENSIONS, build_source
 

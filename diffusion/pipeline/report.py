@@ -22,7 +22,7 @@ from typing import IO, Any, Optional
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from diffusion.pipeline.licenses import license_url
+from diffusion.data.licenses import license_url
 from diffusion.pipeline.shards import OutputDataset, is_remote
 
 __all__ = ['aggregate_stage', 'report_outputs', 'write_report', 'MAX_LISTED_DROPS']

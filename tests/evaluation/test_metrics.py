@@ -358,7 +358,7 @@ def test_command_with_coco_captions_compares_with_the_captioned_images_only(samp
 def test_command_reads_an_mds_reference_and_resizes_to_the_resolution(synthetic_dataset, sample_folders):
     from streaming import LocalDataset
 
-    from diffusion.pipeline.images import decode_image
+    from diffusion.data.images import decode_image
 
     s = sample_folders
     result = main(

@@ -1,4 +1,5 @@
-"""Tests for safe decoding, hashing, near-duplicate lookup and re-encoding (diffusion.pipeline.images)."""
+"""Tests for safe decoding and re-encoding (diffusion.data.images), hashing and near-duplicate lookup
+(diffusion.pipeline.images)."""
 
 import io
 import pickle
@@ -11,17 +12,9 @@ import pytest
 from PIL import Image, ImageFile
 from sklearn.datasets import load_sample_images
 
+from diffusion.data.images import FAILURE_REASONS, ImageError, decode_image, encode_image
 from diffusion.pipeline import images
-from diffusion.pipeline.images import (
-    FAILURE_REASONS,
-    ImageError,
-    NearDuplicateIndex,
-    content_hash,
-    decode_image,
-    encode_image,
-    hamming_distance,
-    perceptual_hash,
-)
+from diffusion.pipeline.images import NearDuplicateIndex, content_hash, hamming_distance, perceptual_hash
 
 
 @pytest.fixture(scope='module')

@@ -1,8 +1,8 @@
-"""Tests for license normalisation and the license presets (diffusion.pipeline.licenses)."""
+"""Tests for license normalisation and the license presets (diffusion.data.licenses)."""
 
 import pytest
 
-from diffusion.pipeline.licenses import (
+from diffusion.data.licenses import (
     ALL_LICENSES,
     LICENSE_PRESETS,
     allowed_licenses,

@@ -8,7 +8,7 @@ from PIL import Image
 from diffusion.pipeline.report import MAX_LISTED_DROPS, aggregate_stage, write_report
 
 BY, NC, SA = 'CC-BY-2.0', 'CC-BY-NC-2.0', 'CC-BY-SA-2.0'
-HAVE_LICENSES = importlib.util.find_spec('diffusion.pipeline.licenses') is not None
+HAVE_LICENSES = importlib.util.find_spec('diffusion.data.licenses') is not None
 
 
 def _drop(key, reason, lic, detail=''):

@@ -5,7 +5,8 @@ can name exactly: the filter presets (commercial / noncommercial) and the attrib
 Sources spell licenses in many ways (creativecommons.org URLs, SPDX-like ids, Flickr's numeric ids, and the
 ``licensename`` / ``licenseurl`` columns of YFCC100M and CommonCatalog), so this module maps them all onto one set
 of ids. It never guesses: anything ambiguous, unrecognised or contradictory comes back as ``None`` and the record is
-dropped upstream. Pure standard library (``re``).
+dropped upstream. Pure standard library (``re``). In :mod:`diffusion.data` because both the pipeline's filter stage
+and the training datasets (which refuse shards whose licenses a preset excludes) use it.
 """
 
 from __future__ import annotations
