@@ -16,6 +16,11 @@ CVE-2026-24747 (memory corruption, fixed in torch 2.10.0). Hence three layers, b
 
 What the project shares or takes in otherwise (exported models, pretrained components, latents) is safetensors or
 MDS, which hold no code.
+
+The run-folder layout that training writes and inference reads is named here once: :data:`CONFIG_FILENAME` (the
+validated config, in ``run_folder``), :data:`LATEST_CHECKPOINT` (the Trainer's symlink to the newest checkpoint in
+``save_folder``), and :class:`RunConfigInCheckpoint`, which embeds the config in every checkpoint so that a
+checkpoint alone rebuilds its model.
 """
 
 from __future__ import annotations
@@ -34,11 +39,15 @@ from composer.callbacks import CheckpointSaver
 from composer.core import State
 from composer.loggers import Logger
 from composer.utils import checkpoint, dist, maybe_create_object_store_from_uri, parse_uri, partial_format
+from omegaconf import DictConfig, OmegaConf
 
 __all__ = [
+    'CONFIG_FILENAME',
+    'LATEST_CHECKPOINT',
     'MANIFEST_SUFFIX',
     'CheckpointManifests',
     'ManifestCheckpointSaver',
+    'RunConfigInCheckpoint',
     'UntrustedCheckpointError',
     'VALIDATION_FUNCTION',
     'guard_checkpoint_loading',
@@ -51,8 +60,12 @@ __all__ = [
 MANIFEST_SUFFIX = '.sha256'
 # What Composer's CHECKPOINT_VALIDATION_FUNCTION names: a function `module.function` it imports and calls.
 VALIDATION_FUNCTION = 'diffusion.checkpointing.validate_checkpoint'
-# The Trainer's default `save_latest_filename`; build_trainer keeps it.
-LATEST_FILENAME = 'latest-rank0.pt'
+# The Trainer's default `save_latest_filename` (its symlink to the newest checkpoint in save_folder); build_trainer
+# keeps it, and inference loads it from a save folder.
+LATEST_CHECKPOINT = 'latest-rank0.pt'
+# The validated config that build_trainer writes in the run folder; inference falls back to it for checkpoints that
+# embed none.
+CONFIG_FILENAME = 'config.yaml'
 _DIGEST = re.compile(r'\s*([0-9a-fA-F]{64})\s')
 _CHUNK_BYTES = 16 * 1024 * 1024
 
@@ -209,7 +222,7 @@ def guard_checkpoint_loading(cfg: Any) -> None:
     if cfg.load_path and parse_uri(cfg.load_path)[0]:
         _fetch_remote_manifests(cfg.load_path)
     if cfg.autoresume and save_folder and parse_uri(save_folder)[0]:
-        _fetch_remote_manifests(f'{save_folder.rstrip("/")}/{LATEST_FILENAME}.symlink')
+        _fetch_remote_manifests(f'{save_folder.rstrip("/")}/{LATEST_CHECKPOINT}.symlink')
 
 
 class ManifestCheckpointSaver(CheckpointSaver):
@@ -284,3 +297,24 @@ class CheckpointManifests(Callback):
                     f'{type(callback).__name__} writes no SHA-256 manifests: its checkpoints will be refused on load.',
                     stacklevel=2,
                 )
+
+
+class RunConfigInCheckpoint(Callback):
+    """Store the run's resolved config in every checkpoint, so that a checkpoint alone rebuilds its model.
+
+    Composer saves each callback's ``state_dict`` under ``state['callbacks'][<class name>]``; this one holds the
+    config as yaml text. Loading a checkpoint to resume keeps the resuming run's own config.
+
+    Args:
+        config (DictConfig | dict): The validated training config.
+    """
+
+    def __init__(self, config: Any):
+        config = config if isinstance(config, DictConfig) else OmegaConf.create(config)
+        self.config_yaml = OmegaConf.to_yaml(config, resolve=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {'config': self.config_yaml}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state  # the resumed run's config is the one to record from now on

@@ -17,9 +17,13 @@ from composer.utils import dist, reproducibility
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion import registry
-from diffusion.checkpointing import CheckpointManifests, guard_checkpoint_loading
+from diffusion.checkpointing import (
+    CONFIG_FILENAME,
+    CheckpointManifests,
+    RunConfigInCheckpoint,
+    guard_checkpoint_loading,
+)
 from diffusion.config import validate_config
-from diffusion.inference.loading import RunConfigInCheckpoint
 from diffusion.parallelism import check_parallelism_config, resolve_parallelism
 
 __all__ = [
@@ -131,7 +135,7 @@ def build_trainer(cfg: Any) -> Trainer:
     if cfg.run_folder:
         os.makedirs(cfg.run_folder, exist_ok=True)
         if dist.get_global_rank() == 0:
-            OmegaConf.save(cfg, os.path.join(cfg.run_folder, 'config.yaml'))
+            OmegaConf.save(cfg, os.path.join(cfg.run_folder, CONFIG_FILENAME))
 
     model = build_model(cfg.model)
     train_dataloader = build_dataloader(cfg.train_dataloader, model, 'train_dataloader')

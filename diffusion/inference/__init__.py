@@ -6,7 +6,8 @@ and ``python -m diffusion.inference.export`` run their module once (not also as 
 
 from typing import Any
 
-from diffusion.inference.loading import LoadedModel, RunConfigInCheckpoint, load_checkpoint, load_model
+from diffusion.checkpointing import RunConfigInCheckpoint
+from diffusion.inference.loading import LoadedModel, load_checkpoint, load_model
 from diffusion.inference.model_card import write_model_card
 from diffusion.inference.single_file import pipeline_to_ldm, save_single_file
 

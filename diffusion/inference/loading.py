@@ -3,11 +3,12 @@
 A Composer checkpoint is a pickle, so it is fetched with Composer's ``get_file`` (local paths and ``s3://``-style
 URIs alike), checked against its SHA-256 manifest by :func:`diffusion.checkpointing.validate_checkpoint` and only
 then unpickled (memory-mapped, so the optimizer state it also holds is never read). The model is rebuilt from the
-run's config, which :class:`RunConfigInCheckpoint` embeds in every checkpoint (older ones fall back to the
-``config.yaml`` that ``diffusion.train`` writes in the run folder), and gets the checkpoint's weights: the EMA
-average when Composer's ``EMA`` (``ema``, :class:`~diffusion.algorithms.ShardedEMA`) ran, else the training weights.
-Composer swaps the EMA weights into the model before each save and keeps the training weights in the algorithm's
-state (``ema_weights_active`` says which is where), so both are found whichever way round they were saved.
+run's config, which :class:`~diffusion.checkpointing.RunConfigInCheckpoint` embeds in every checkpoint (older ones
+fall back to the ``config.yaml`` that :func:`diffusion.builders.build_trainer` writes in the run folder), and gets
+the checkpoint's weights: the EMA average when Composer's ``EMA`` (``ema``, :class:`~diffusion.algorithms.ShardedEMA`)
+ran, else the training weights. Composer swaps the EMA weights into the model before each save and keeps the
+training weights in the algorithm's state (``ema_weights_active`` says which is where), so both are found whichever
+way round they were saved.
 
 A diffusers pipeline folder (``model_index.json``; what :mod:`diffusion.inference.export` writes) is loaded with
 the pipeline's ``from_pretrained`` (safetensors only) and wrapped in the project's model class.
@@ -25,20 +26,23 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from composer import Callback
 from composer.utils import get_file, parse_uri
 from diffusers import DDPMScheduler
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.checkpointing import MANIFEST_SUFFIX, UntrustedCheckpointError, validate_checkpoint
+from diffusion.checkpointing import (
+    CONFIG_FILENAME,
+    LATEST_CHECKPOINT,
+    MANIFEST_SUFFIX,
+    RunConfigInCheckpoint,
+    UntrustedCheckpointError,
+    validate_checkpoint,
+)
 from diffusion.models.noise import INFERENCE_SCHEDULERS
 from diffusion.parallelism import clean_parameter_name
 
 __all__ = [
-    'CONFIG_FILENAME',
-    'LATEST_CHECKPOINT',
     'LoadedModel',
-    'RunConfigInCheckpoint',
     'is_diffusers_folder',
     'load_checkpoint',
     'load_model',
@@ -47,34 +51,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILENAME = 'config.yaml'  # what diffusion.train writes in the run folder
-LATEST_CHECKPOINT = 'latest-rank0.pt'  # the Trainer's symlink to the newest checkpoint in its save folder
 # Pipeline class (model_index.json's _class_name) -> the project's model class that wraps its components.
 PIPELINE_MODELS = {
     'StableDiffusionPipeline': ('diffusion.models.stable_diffusion', 'StableDiffusion'),
     'StableDiffusionXLPipeline': ('diffusion.models.stable_diffusion_xl', 'StableDiffusionXL'),
 }
-
-
-class RunConfigInCheckpoint(Callback):
-    """Store the run's resolved config in every checkpoint, so that a checkpoint alone rebuilds its model.
-
-    Composer saves each callback's ``state_dict`` under ``state['callbacks'][<class name>]``; this one holds the
-    config as yaml text. Loading a checkpoint to resume keeps the resuming run's own config.
-
-    Args:
-        config (DictConfig | dict): The validated training config.
-    """
-
-    def __init__(self, config: Any):
-        config = config if isinstance(config, DictConfig) else OmegaConf.create(config)
-        self.config_yaml = OmegaConf.to_yaml(config, resolve=True)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {'config': self.config_yaml}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        del state  # the resumed run's config is the one to record from now on
 
 
 @dataclass
