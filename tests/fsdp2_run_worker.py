@@ -14,9 +14,9 @@ from composer.utils import dist
 from diffusers import UNet2DConditionModel
 from torch.distributed.tensor import DTensor
 
+from diffusion.builders import build_trainer
 from diffusion.callbacks.ema_weights import find_ema
 from diffusion.parallelism import clean_parameter_name
-from diffusion.train import build_trainer
 from tests.conftest import EMA_TEST_OVERRIDES, max_abs_diff, tiny_config
 
 

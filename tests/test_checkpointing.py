@@ -18,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from diffusion import checkpointing
+from diffusion.builders import build_trainer
 from diffusion.checkpointing import (
     MANIFEST_SUFFIX,
     VALIDATION_FUNCTION,
@@ -28,7 +29,6 @@ from diffusion.checkpointing import (
     validate_checkpoint,
     write_manifest,
 )
-from diffusion.train import build_trainer
 from tests.conftest import build_tiny_sd, tiny_config
 
 CHECKPOINT = 'ep0-ba2-rank0.pt'

@@ -5,8 +5,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from diffusion import registry
+from diffusion.builders import build_trainer, check_sections
 from diffusion.config import load_config, validate_config
-from diffusion.train import build_trainer, check_sections
 from tests.conftest import REPO_ROOT
 
 YAMLS = sorted(glob.glob(os.path.join(REPO_ROOT, 'yamls', '*.yaml')))

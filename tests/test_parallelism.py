@@ -12,6 +12,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+from diffusion.builders import build_trainer
 from diffusion.callbacks.ema_weights import find_ema
 from diffusion.parallelism import (
     CPU_FSDP_MESSAGE,
@@ -20,7 +21,6 @@ from diffusion.parallelism import (
     mark_fsdp_units,
     resolve_parallelism,
 )
-from diffusion.train import build_trainer
 from tests.conftest import (
     EMA_TEST_OVERRIDES,
     REPO_ROOT,

@@ -120,7 +120,7 @@ def test_checkpoints_on_s3_resume_and_ignore_a_half_written_one(s3_server, synth
 
     monkeypatch.chdir(tmp_path)  # Composer caches a remote autoresume checkpoint under ./s3:/...
 
-    from diffusion.train import build_trainer
+    from diffusion.builders import build_trainer
     from tests.conftest import tiny_config
 
     common = ('train_dataloader.batch_size=16', 'save_folder=s3://test-bucket/runs/s3run', 'save_interval=1ba',

@@ -7,7 +7,7 @@ import pytest
 import torch
 from composer.core import Callback
 
-from diffusion.train import build_trainer
+from diffusion.builders import build_trainer
 from tests.conftest import TEST_MODEL_OVERRIDES, TINY_YAML, run_composer, tiny_config
 
 

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
+from diffusion.builders import build_trainer
 from diffusion.config import load_config
-from diffusion.train import build_trainer
 from tests.conftest import REPO_ROOT, TEST_MODEL_OVERRIDES, TEST_XL_MODEL_OVERRIDES, TINY_YAML, tiny_config
 
 YAMLS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO_ROOT, 'yamls', '*.yaml')))

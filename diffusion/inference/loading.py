@@ -30,6 +30,7 @@ from composer.utils import get_file, parse_uri
 from diffusers import DDPMScheduler
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion.builders import build_model
 from diffusion.checkpointing import (
     CONFIG_FILENAME,
     LATEST_CHECKPOINT,
@@ -38,6 +39,7 @@ from diffusion.checkpointing import (
     UntrustedCheckpointError,
     validate_checkpoint,
 )
+from diffusion.config import load_config, validate_config
 from diffusion.models.noise import INFERENCE_SCHEDULERS
 from diffusion.parallelism import clean_parameter_name
 
@@ -188,8 +190,6 @@ def _config_candidates(checkpoint: str) -> list[str]:
 
 
 def _resolve_config(checkpoint: str, config: Optional[str], state: dict[str, Any]) -> tuple[DictConfig, str]:
-    from diffusion.config import load_config, validate_config
-
     if config is not None:
         return load_config(config), config
     embedded = _embedded_config(state)
@@ -257,8 +257,6 @@ def load_checkpoint(
         with tempfile.TemporaryDirectory() as folder:
             state = _read_state(_fetch(checkpoint, folder))
             cfg, config_source = _resolve_config(checkpoint, config, state)
-            from diffusion.train import build_model  # here: diffusion.train imports this module
-
             model = build_model(cfg.model)
             weights, kind = _checkpoint_weights(state, use_ema)
             try:

@@ -22,6 +22,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from diffusion.builders import build_model
+from diffusion.config import load_config
 from diffusion.data.image_caption import decode_image, image_transform, micro_conditioning, resize_and_crop
 from diffusion.data.latents import MICRO_CONDITIONING_COLUMNS, STORAGE_DTYPES, to_stored
 from diffusion.pipeline.runner import StageRunner, rank_info
@@ -95,9 +97,6 @@ def _micro_conditioned(model: Any) -> bool:
 def _build_model(config: str, overrides: Sequence[str], encode_dtype: str) -> Any:
     """The config's model, seeded as training seeds it, so even randomly initialised encoders are the same ones."""
     from composer.utils import reproducibility
-
-    from diffusion.config import load_config
-    from diffusion.train import build_model
 
     cfg = load_config(config, list(overrides))
     reproducibility.seed_all(cfg.seed)

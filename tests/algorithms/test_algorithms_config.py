@@ -5,7 +5,7 @@ import torch._dynamo
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
 from diffusion.algorithms import AttentionBackend, CompileUNet, GradientCheckpointing
-from diffusion.train import build_trainer
+from diffusion.builders import build_trainer
 from tests.conftest import tiny_config
 
 

@@ -14,7 +14,7 @@ from composer.core import Engine, Event, State
 from composer.devices import DeviceCPU
 from composer.loggers import Logger
 
-from diffusion.train import build_model, build_plugins, build_trainer
+from diffusion.builders import build_model, build_plugins, build_trainer
 from tests.conftest import tiny_config
 
 LOW_PRECISION_NORMS = ('+algorithms.low_precision_groupnorm={}', '+algorithms.low_precision_layernorm={}')

@@ -59,7 +59,7 @@ class InjectFault(Callback):
 
 
 def main() -> None:
-    from diffusion.train import build_trainer
+    from diffusion.builders import build_trainer
     from tests.conftest import tiny_config
 
     data, run_folder, *overrides = sys.argv[1:]

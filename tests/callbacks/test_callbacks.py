@@ -6,9 +6,9 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
+from diffusion.builders import build_trainer
 from diffusion.callbacks import PromptFollowing
 from diffusion.evaluation.prompt_following import load_prompts
-from diffusion.train import build_trainer
 from tests.conftest import build_tiny_sd, tiny_config
 
 

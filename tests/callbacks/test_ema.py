@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from diffusion.builders import build_trainer
 from diffusion.callbacks.ema_weights import ema_weights, find_ema
-from diffusion.train import build_trainer
 from tests.conftest import EMA_TEST_OVERRIDES, tiny_config
 
 

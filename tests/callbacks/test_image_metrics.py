@@ -115,7 +115,7 @@ def test_two_ranks_give_the_values_and_images_of_one(assets, tmp_path):
 def test_evaluates_at_the_interval_and_once_at_the_end_of_training(assets, synthetic_dataset, tmp_path):
     from composer.loggers import InMemoryLogger
 
-    from diffusion.train import build_trainer
+    from diffusion.builders import build_trainer
     from tests.conftest import tiny_config
 
     trainer = build_trainer(tiny_config(synthetic_dataset, str(tmp_path / 'run'), 'max_duration=3ba'))

@@ -12,8 +12,8 @@ import torch
 from composer import Callback
 from composer.callbacks import NaNMonitor
 
+from diffusion.builders import build_trainer
 from diffusion.callbacks import NaNGuard
-from diffusion.train import build_trainer
 from tests.callbacks.nan_guard_worker import InjectFault
 from tests.conftest import REPO_ROOT, run_script, tiny_config
 

@@ -375,7 +375,7 @@ def read_ledger(run_folder):
 def test_composer_resumes_a_bucketed_epoch_where_it_stopped(varied_dataset, tmp_path):
     import glob
 
-    from diffusion.train import build_trainer
+    from diffusion.builders import build_trainer
     from tests.conftest import tiny_config
 
     common = (

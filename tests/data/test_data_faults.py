@@ -328,7 +328,7 @@ def test_the_monitor_counts_logs_and_stops_over_the_cap():
 
 
 def test_the_monitor_counts_a_training_run(faulty_dataset, tmp_path):
-    from diffusion.train import build_trainer
+    from diffusion.builders import build_trainer
 
     # 5 of the 12 samples are replaced: over a cap of 0.2 once 12 samples were seen, before the second batch trains.
     cfg = tiny_config(

@@ -13,12 +13,12 @@ import yaml
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
+from diffusion.builders import build_trainer
 from diffusion.checkpointing import UntrustedCheckpointError, write_manifest
 from diffusion.data.synthetic import write_synthetic_dataset
 from diffusion.inference import export, sample
 from diffusion.inference.loading import load_checkpoint, load_model
 from diffusion.pipeline.report import write_report
-from diffusion.train import build_trainer
 from tests.conftest import tiny_config
 
 CHECKPOINT = os.path.join('run', 'checkpoints', 'ep0-ba3-rank0.pt')

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from diffusion.train import build_trainer
+from diffusion.builders import build_trainer
 from tests.conftest import REPO_ROOT, TEST_XL_MODEL_OVERRIDES, TINY_XL_YAML, run_composer
 from tests.test_train import LossRecorder
 

@@ -10,11 +10,11 @@ import torch
 from streaming.base.format import reader_from_json
 from torch.utils.data import default_collate
 
+from diffusion.builders import build_model, build_trainer
 from diffusion.config import load_config
 from diffusion.data.image_caption import StreamingImageCaptionDataset
 from diffusion.data.latents import StreamingLatentDataset, from_stored, to_stored
 from diffusion.pipeline.__main__ import main
-from diffusion.train import build_model, build_trainer
 from tests.conftest import TEST_MODEL_OVERRIDES, TINY_YAML, tiny_config
 from tests.pipeline.test_distributed import pipeline_command, run
 

@@ -1,0 +1,186 @@
+"""Turn a validated config into a Composer ``Trainer``: the only config-to-object code.
+
+Every component comes from :mod:`diffusion.registry` by name; everything else (checkpointing to a folder or object
+store, autoresume, DDP or FSDP, precision, microbatching) is Composer's ``Trainer`` configured from the yaml.
+:mod:`diffusion.train` fits what :func:`build_trainer` returns; the inference and pipeline commands rebuild a run's
+model with :func:`build_model`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+import torch
+from composer import Callback, Trainer
+from composer.devices import DeviceCPU, DeviceGPU
+from composer.utils import dist, reproducibility
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion import registry
+from diffusion.checkpointing import (
+    CONFIG_FILENAME,
+    CheckpointManifests,
+    RunConfigInCheckpoint,
+    guard_checkpoint_loading,
+)
+from diffusion.config import validate_config
+from diffusion.parallelism import check_parallelism_config, resolve_parallelism
+
+__all__ = [
+    'RestoreRngMidEpoch',
+    'build_dataloader',
+    'build_model',
+    'build_optimizer',
+    'build_plugins',
+    'build_trainer',
+    'check_sections',
+]
+
+
+def _section(cfg: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+
+
+def build_model(model_cfg: Any):
+    """The ComposerModel named by ``model.name``."""
+    kwargs = _section(model_cfg)
+    return registry.models.build(kwargs.pop('name'), kwargs, where='model')
+
+
+def build_dataloader(dataloader_cfg: Any, model: Any, where: str):
+    """A dataloader named by ``<where>.name``; gets the model's tokenizer when its builder takes one."""
+    kwargs = _section(dataloader_cfg)
+    name = kwargs.pop('name')
+    extra = {}
+    if 'tokenizer' in inspect.signature(registry.dataloaders.get(name)).parameters:
+        extra['tokenizer'] = getattr(model, 'tokenizer', None)
+    try:
+        return registry.dataloaders.build(name, kwargs, where=where, **extra)
+    except (FileNotFoundError, ValueError) as error:
+        if where in str(error):
+            raise
+        # Name the config section: 'train_dataloader: No MDS dataset at ...' says which of the two is wrong.
+        raise type(error)(f'{where}: {error}') from error
+
+
+def build_optimizer(optimizer_cfg: Any, model: Any):
+    """The optimizer named by ``optimizer.name`` over the parameters that require gradients."""
+    kwargs = _section(optimizer_cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError('The model has no trainable parameters.')
+    return registry.optimizers.build(kwargs.pop('name'), kwargs, where='optimizer', params=params)
+
+
+def build_plugins(section: str, cfg: Any) -> list:
+    """Algorithms, callbacks or loggers from a ``{registry name: kwargs}`` section."""
+    reg = getattr(registry, section)
+    return [reg.build(name, kwargs, where=f'{section}.{name}') for name, kwargs in _section(cfg).items()]
+
+
+def check_sections(cfg: DictConfig) -> None:
+    """Check every registry name and key in ``cfg`` before anything is built, so typos fail in seconds."""
+    for section, reg in (
+        ('model', registry.models),
+        ('optimizer', registry.optimizers),
+        ('scheduler', registry.schedulers),
+        ('train_dataloader', registry.dataloaders),
+        ('eval_dataloader', registry.dataloaders),
+    ):
+        if cfg[section]:  # optional sections are empty when unused
+            kwargs = _section(cfg[section])
+            provided = ('params',) if section == 'optimizer' else ('tokenizer',) if 'dataloader' in section else ()
+            reg.check(kwargs.pop('name'), kwargs, where=section, provided=provided)
+    for section in ('algorithms', 'callbacks', 'loggers'):
+        for name, kwargs in _section(cfg[section]).items():
+            getattr(registry, section).check(name, kwargs, where=f'{section}.{name}')
+    check_parallelism_config(_section(cfg.parallelism_config))
+
+
+class RestoreRngMidEpoch(Callback):
+    """Restore a mid-epoch checkpoint's RNG state just before the first resumed batch is fetched.
+
+    Composer 0.32 restores the checkpoint's per-rank RNG mid-epoch only when it fast-forwards ("spins") the
+    dataloader; with StreamingDataset's own resumption, which we use, the RNG would restart from the seed and the
+    resumed run would draw other timesteps and noise than an uninterrupted one. ``BEFORE_DATALOADER`` fires after
+    the new iterator is created (which itself draws a seed), so restoring there reproduces the uninterrupted stream.
+    """
+
+    def __init__(self, rng_state: list[dict[str, Any]]):
+        self.rng_state = rng_state
+
+    def before_dataloader(self, state, logger) -> None:
+        if self.rng_state is not None:
+            reproducibility.load_rng_state(self.rng_state)
+            self.rng_state = None
+
+
+def _restore_rng_mid_epoch(trainer: Trainer) -> None:
+    # `_rng_state` is where Composer 0.32.1 keeps the loaded checkpoint's RNG until it uses it; tests in
+    # tests/test_train.py fail if a Composer upgrade moves it.
+    rng_state = getattr(trainer, '_rng_state', None)
+    if rng_state is not None and int(trainer.state.timestamp.batch_in_epoch) > 0:
+        trainer.state.callbacks.append(RestoreRngMidEpoch(rng_state))
+        trainer._rng_state = None
+
+
+def build_trainer(cfg: Any) -> Trainer:
+    """Validate ``cfg`` and build the Trainer (nothing is trained)."""
+    cfg = validate_config(cfg)
+    check_sections(cfg)
+    guard_checkpoint_loading(cfg)  # before the Trainer, which loads any checkpoint
+    device = cfg.device or ('gpu' if torch.cuda.is_available() else 'cpu')
+    dist.initialize_dist(DeviceGPU() if device == 'gpu' else DeviceCPU(), cfg.dist_timeout)
+    reproducibility.seed_all(cfg.seed)
+    if cfg.run_folder:
+        os.makedirs(cfg.run_folder, exist_ok=True)
+        if dist.get_global_rank() == 0:
+            OmegaConf.save(cfg, os.path.join(cfg.run_folder, CONFIG_FILENAME))
+
+    model = build_model(cfg.model)
+    train_dataloader = build_dataloader(cfg.train_dataloader, model, 'train_dataloader')
+    eval_dataloader = None
+    if cfg.eval_dataloader:
+        eval_dataloader = build_dataloader(cfg.eval_dataloader, model, 'eval_dataloader')
+    optimizer = build_optimizer(cfg.optimizer, model)
+    scheduler = None
+    if cfg.scheduler:
+        kwargs = _section(cfg.scheduler)
+        scheduler = registry.schedulers.build(kwargs.pop('name'), kwargs, where='scheduler')
+
+    trainer = Trainer(
+        run_name=cfg.run_name,
+        model=model,
+        train_dataloader=train_dataloader,
+        eval_dataloader=eval_dataloader,
+        max_duration=cfg.max_duration,
+        optimizers=optimizer,
+        schedulers=scheduler,
+        algorithms=build_plugins('algorithms', cfg.algorithms),
+        callbacks=[*build_plugins('callbacks', cfg.callbacks), CheckpointManifests(), RunConfigInCheckpoint(cfg)],
+        loggers=build_plugins('loggers', cfg.loggers),
+        device=device,
+        precision=cfg.precision,
+        device_train_microbatch_size=cfg.device_train_microbatch_size,
+        eval_interval=cfg.eval_interval,
+        eval_subset_num_batches=cfg.eval_subset_num_batches,
+        save_folder=cfg.save_folder,
+        save_interval=cfg.save_interval,
+        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+        save_overwrite=cfg.save_overwrite,
+        load_path=cfg.load_path,
+        load_weights_only=cfg.load_weights_only,
+        autoresume=cfg.autoresume,
+        progress_bar=cfg.progress_bar,
+        log_to_console=cfg.log_to_console,
+        console_log_interval=cfg.console_log_interval,
+        seed=cfg.seed,
+        deterministic_mode=cfg.deterministic_mode,
+        dist_timeout=cfg.dist_timeout,
+        parallelism_config=resolve_parallelism(_section(cfg.parallelism_config), device, model),
+        python_log_level=cfg.python_log_level,
+    )
+    _restore_rng_mid_epoch(trainer)
+    return trainer
