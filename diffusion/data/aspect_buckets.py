@@ -47,6 +47,8 @@ from streaming import StreamingDataset
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from diffusion.data.fingerprint import STATE_KEY as FINGERPRINT_KEY
+
 __all__ = [
     'SIZE_CACHE_FILE',
     'AspectBucketSampler',
@@ -402,11 +404,29 @@ class BucketedDataset(Dataset):
         return self.sampler.num_samples
 
     def state_dict(self, num_samples: int, from_beginning: bool = True) -> dict[str, Any]:
-        """See :meth:`AspectBucketSampler.state_dict`."""
-        return self.sampler.state_dict(num_samples, from_beginning)
+        """See :meth:`AspectBucketSampler.state_dict`; with the dataset's fingerprint when it has one."""
+        state = self.sampler.state_dict(num_samples, from_beginning)
+        if hasattr(self.dataset, 'fingerprint'):
+            state[FINGERPRINT_KEY] = self.dataset.fingerprint()
+        return state
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:
-        """See :meth:`AspectBucketSampler.load_state_dict`."""
+        """See :meth:`AspectBucketSampler.load_state_dict`, after the dataset checked the saved fingerprint.
+
+        When the data changed and the dataset allows it, an interrupted epoch starts again from its beginning:
+        the plan of the new data cannot tell which samples were trained already.
+        """
+        obj = dict(obj)
+        saved = obj.pop(FINGERPRINT_KEY, None)
+        changed = hasattr(self.dataset, 'check_fingerprint') and self.dataset.check_fingerprint(saved)
+        if changed and int(obj.get('sample_in_epoch', 0)) > 0:
+            log.warning(
+                'The data changed during epoch %s: it starts again from its beginning, planned over the data as '
+                'they are now (%d samples were trained in it).',
+                obj.get('epoch'),
+                int(obj['sample_in_epoch']),
+            )
+            obj['sample_in_epoch'] = 0
         self.sampler.load_state_dict(obj)
 
     def __getstate__(self) -> dict[str, Any]:

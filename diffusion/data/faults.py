@@ -15,6 +15,11 @@ Builds on ``streaming.StreamingDataset`` (mosaicml-streaming 0.13), changing thr
   :class:`~diffusion.data.replaced_sample_monitor.ReplacedSampleMonitor` counts replacements from the batches:
   DataLoader workers are separate processes, so a counter kept in the dataset would never reach the trainer.
 
+It records which data it reads: its resumption state (``state_dict``, which Composer checkpoints) carries the
+dataset's fingerprint (:mod:`diffusion.data.fingerprint`: per stream, the SHA-256 of ``index.json`` and the sample
+count), and ``load_state_dict`` refuses a checkpoint taken on other data, naming the stream and both values, unless
+``allow_changed_data`` is set. Streaming alone resumes on added or removed shards without a word.
+
 It also guards the license subset a run may train on: with ``license_preset`` (``'commercial'`` for the -C models),
 every sample's ``license`` column is checked against the pipeline's preset when it is read, and a sample outside
 it stops the run with an error naming the sample, its shard and its license (a wrong data path for a commercial
@@ -34,10 +39,11 @@ from streaming import StreamingDataset
 from streaming.base.dataset import _ShardState
 from streaming.base.format.base.reader import Reader
 
+from diffusion.data.fingerprint import STATE_KEY, fingerprint_local, fingerprint_mismatches
 from diffusion.data.licenses import allowed_licenses
 from diffusion.data.shard_integrity import AUTO, ShardIntegrityError, choose_validate_hash, verify_local_shards
 
-__all__ = ['FaultTolerantStreamingDataset', 'LicenseError', 'ShardDownloadError', 'UnusableSample']
+__all__ = ['DataChangedError', 'FaultTolerantStreamingDataset', 'LicenseError', 'ShardDownloadError', 'UnusableSample']
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +76,10 @@ class LicenseError(ValueError):
     """A sample whose license is outside the run's ``license_preset`` (or that has no license column)."""
 
 
+class DataChangedError(ValueError):
+    """A checkpoint taken on other data than the dataset now holds (its fingerprint differs)."""
+
+
 class FaultTolerantStreamingDataset(StreamingDataset):
     """``StreamingDataset`` with checked shards, clear shard errors and replacement of unusable samples.
 
@@ -88,6 +98,8 @@ class FaultTolerantStreamingDataset(StreamingDataset):
         license_preset (str, optional): Check each sample's ``license`` against this preset of
             :mod:`diffusion.pipeline.licenses` (``'commercial'``, ``'noncommercial'``, ``'all'``) and raise
             :class:`LicenseError` for one outside it. Default: ``None`` (no check).
+        allow_changed_data (bool): Resume from a checkpoint whose data fingerprint differs from this dataset's
+            (shards added, removed or rewritten since), with a warning, instead of refusing. Default: ``False``.
         **streaming_kwargs: Passed to ``StreamingDataset`` (``remote``, ``local``, ``download_retry``,
             ``download_timeout``, ...).
     """
@@ -99,6 +111,7 @@ class FaultTolerantStreamingDataset(StreamingDataset):
         verify_local_shards: bool = True,
         max_replacement_tries: int = 100,
         license_preset: Optional[str] = None,
+        allow_changed_data: bool = False,
         **streaming_kwargs: Any,
     ):
         if max_replacement_tries < 0:
@@ -114,6 +127,51 @@ class FaultTolerantStreamingDataset(StreamingDataset):
             stream.validate_hash = choose_validate_hash(requested, self._stream_shards(stream_id), _where(stream))
         if verify_local_shards:
             self._verify_local_shards()
+        self.allow_changed_data = allow_changed_data
+        # Taken now, from the index.json files streaming just read: what this run trains on.
+        self._fingerprint = [fingerprint_local(_local_dir(stream), _where(stream)) for stream in self.streams]
+
+    def fingerprint(self) -> list[dict[str, Any]]:
+        """Per stream ``{'location', 'index_sha256', 'num_samples'}`` (:mod:`diffusion.data.fingerprint`)."""
+        return [dict(entry) for entry in self._fingerprint]
+
+    def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
+        """Streaming's resumption state, with the dataset's fingerprint under ``'data_fingerprint'``."""
+        return {**super().state_dict(num_samples, from_beginning), STATE_KEY: self.fingerprint()}
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        """Streaming's ``load_state_dict``, after :meth:`check_fingerprint` of the saved fingerprint."""
+        obj = dict(obj)
+        self.check_fingerprint(obj.pop(STATE_KEY, None))
+        super().load_state_dict(obj)
+
+    def check_fingerprint(self, saved: Optional[list[dict[str, Any]]]) -> bool:
+        """Compare a checkpoint's data fingerprint with this dataset's; return whether the data changed.
+
+        A checkpoint without one (written before fingerprints were recorded) passes with a warning.
+
+        Raises:
+            DataChangedError: If they differ and ``allow_changed_data`` is not set, naming each stream that
+                differs with its saved and current sample count and ``index.json`` digest.
+        """
+        if saved is None:
+            log.warning(
+                'The checkpoint records no data fingerprint (it predates them), so whether it trained on the data '
+                'of %s cannot be checked.',
+                ', '.join(entry['location'] for entry in self._fingerprint),
+            )
+            return False
+        differences = fingerprint_mismatches(saved, self._fingerprint)
+        if not differences:
+            return False
+        message = f'The training data changed since the checkpoint was taken: {"; ".join(differences)}.'
+        if not self.allow_changed_data:
+            raise DataChangedError(
+                f'{message} Resume on the data the checkpoint trained on, or set '
+                'train_dataloader.allow_changed_data: true to continue on the data as they are now.'
+            )
+        log.warning('%s Continuing on the data as they are now (allow_changed_data).', message)
+        return True
 
     def load_sample(self, index: int) -> dict[str, Any]:
         """The training sample ``index``; raises :class:`UnusableSample` when it cannot train."""

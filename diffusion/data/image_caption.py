@@ -191,8 +191,8 @@ class StreamingImageCaptionDataset(FaultTolerantStreamingDataset):
             (the crop taken, see :func:`resize_and_crop`) and ``cond_target_size`` (the output size). Default:
             ``False``.
         **streaming_kwargs: Passed to :class:`~diffusion.data.faults.FaultTolerantStreamingDataset`
-            (``validate_hash``, ``verify_local_shards``, ``max_replacement_tries``, ``license_preset``) and
-            ``StreamingDataset``
+            (``validate_hash``, ``verify_local_shards``, ``max_replacement_tries``, ``license_preset``,
+            ``allow_changed_data``) and ``StreamingDataset``
             (``remote``, ``local``, ``shuffle``, ``batch_size``, ``shuffle_seed``, ``download_retry``, ...).
     """
 
@@ -325,6 +325,7 @@ def build_image_caption_dataloader(
     verify_local_shards: bool = True,
     max_replacement_tries: int = 100,
     license_preset: Optional[str] = None,
+    allow_changed_data: bool = False,
     num_workers: int = 0,
     drop_last: bool = True,
     aspect_buckets: Optional[Union[Sequence[Sequence[int]], dict[str, Any]]] = None,
@@ -344,7 +345,7 @@ def build_image_caption_dataloader(
             original_caption_prob, caption_seed, micro_conditioning: See :class:`StreamingImageCaptionDataset`.
         shuffle (bool): Shuffle samples (deterministic for ``shuffle_seed``). Default: ``True``.
         shuffle_seed (int): Seed of the shuffle (and, with ``aspect_buckets``, of random crops). Default: ``9176``.
-        validate_hash, verify_local_shards, max_replacement_tries, license_preset: See
+        validate_hash, verify_local_shards, max_replacement_tries, license_preset, allow_changed_data: See
             :class:`~diffusion.data.faults.FaultTolerantStreamingDataset`.
         num_workers (int): DataLoader worker processes. Default: ``0``.
         drop_last (bool): Drop the last incomplete batch. Default: ``True``. No effect with ``aspect_buckets``,
@@ -379,6 +380,7 @@ def build_image_caption_dataloader(
         verify_local_shards=verify_local_shards,
         max_replacement_tries=max_replacement_tries,
         license_preset=license_preset,
+        allow_changed_data=allow_changed_data,
         micro_conditioning=micro_conditioning,
         batch_size=device_batch_size,
         **(streaming_kwargs or {}),

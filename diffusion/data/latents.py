@@ -92,6 +92,7 @@ def build_latent_dataloader(
     verify_local_shards: bool = True,
     max_replacement_tries: int = 100,
     license_preset: Optional[str] = None,
+    allow_changed_data: bool = False,
     num_workers: int = 0,
     drop_last: bool = True,
     streaming_kwargs: Optional[dict[str, Any]] = None,
@@ -105,7 +106,7 @@ def build_latent_dataloader(
         batch_size (int): Global batch size, divided evenly across ranks.
         shuffle (bool): Shuffle samples (deterministic for ``shuffle_seed``). Default: ``True``.
         shuffle_seed (int): Seed of the shuffle. Default: ``9176``.
-        validate_hash, verify_local_shards, max_replacement_tries, license_preset: See
+        validate_hash, verify_local_shards, max_replacement_tries, license_preset, allow_changed_data: See
             :class:`~diffusion.data.faults.FaultTolerantStreamingDataset`.
         num_workers (int): DataLoader worker processes. Default: ``0``.
         drop_last (bool): Drop the last incomplete batch. Default: ``True``.
@@ -123,6 +124,7 @@ def build_latent_dataloader(
         verify_local_shards=verify_local_shards,
         max_replacement_tries=max_replacement_tries,
         license_preset=license_preset,
+        allow_changed_data=allow_changed_data,
         batch_size=device_batch_size,
         **(streaming_kwargs or {}),
     )
