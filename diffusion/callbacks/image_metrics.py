@@ -1,7 +1,7 @@
 """FID, KID and CLIP score during training, sampled on every rank and synchronised like the standalone command.
 
 Builds on Composer's ``Callback`` and interval scheduler (``'1000ba'``, ``'1ep'``, ``'0.25dur'``; always at the end
-of training too) and on :class:`~diffusion.evaluation.metrics.GenerationMetrics` (torchmetrics' FID, KID and
+of training too) and on :class:`~diffusion.evaluation.image_metrics.GenerationMetrics` (torchmetrics' FID, KID and
 CLIP score). Rank ``r`` of ``W`` samples prompts ``i`` with ``i % W == r`` and extracts reference images the same
 way, so no rank idles while another samples (a rank left waiting in a collective is what stalls peer trainers
 into NCCL timeouts); every rank runs the same number of ``generate`` calls (a rank short of prompts samples one
@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from diffusion.callbacks.ema_weights import ema_weights
-from diffusion.evaluation.metrics import (
+from diffusion.evaluation.image_metrics import (
     METRIC_NAMES,
     GenerationMetrics,
     open_reference,

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from diffusion.callbacks.image_metrics import ImageMetrics
-from diffusion.evaluation.metrics import load_image, main, to_uint8
+from diffusion.evaluation.image_metrics import load_image, to_uint8
+from diffusion.evaluation.metrics import main
 from diffusion.evaluation.prompts import load_prompt_set
 from tests.callbacks.image_metrics_worker import SETTINGS, evaluate_tiny
 from tests.conftest import REPO_ROOT, build_tiny_sd, run_script

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from diffusion.evaluation import metrics as metrics_module
-from diffusion.evaluation.metrics import GenerationMetrics, build_feature_extractor, main, to_uint8
+from diffusion.evaluation import image_metrics
+from diffusion.evaluation.image_metrics import GenerationMetrics, build_feature_extractor, to_uint8
+from diffusion.evaluation.metrics import main
 from diffusion.models.text_encoders import build_clip_tokenizer
 
 PROMPTS = ['a red circle', 'two blue squares on a green background', 'a yellow triangle', 'three purple circles']
@@ -274,7 +275,7 @@ def test_to_uint8_rounds_like_diffusers_numpy_to_pil(tmp_path):
     expected = VaeImageProcessor.numpy_to_pil(images.permute(0, 2, 3, 1).numpy())
     for image, pil in zip(to_uint8(images), expected):
         pil.save(tmp_path / 'a.png')
-        assert torch.equal(image, metrics_module.load_image(str(tmp_path / 'a.png')))
+        assert torch.equal(image, image_metrics.load_image(str(tmp_path / 'a.png')))
     assert to_uint8(images)[0, 0, 0, :4].tolist() == [0, 2, 2, 255]
     assert to_uint8(torch.tensor([-0.2, 1.3])).tolist() == [0, 255]
 
@@ -366,9 +367,9 @@ def test_command_reads_an_mds_reference_and_resizes_to_the_resolution(synthetic_
         + ['--fid', '--resolution', '16']
     )
     dataset = LocalDataset(local=synthetic_dataset)
-    reference = torch.stack([metrics_module.load_image(decode_image(sample['image']), 16) for sample in dataset])
+    reference = torch.stack([image_metrics.load_image(decode_image(sample['image']), 16) for sample in dataset])
     generated = torch.stack(
-        [metrics_module.load_image(Image.fromarray(g.permute(1, 2, 0).numpy()), 16) for g in s['generated']]
+        [image_metrics.load_image(Image.fromarray(g.permute(1, 2, 0).numpy()), 16) for g in s['generated']]
     )
     assert reference.shape == (128, 3, 16, 16) and result['num_reference'] == 128
     assert result['fid'] == pytest.approx(numpy_fid(extract(reference), extract(generated)), rel=1e-6)
@@ -429,7 +430,7 @@ def test_command_samples_a_checkpoint_into_the_folder_first(sample_folders, tmp_
     expected = model.generate(
         PROMPTS, seed=[5, 6, 7, 8], num_inference_steps=2, guidance_scale=3.0, height=32, width=32
     )
-    generated = torch.stack([metrics_module.load_image(str(out / row['file'])) for row in rows])
+    generated = torch.stack([image_metrics.load_image(str(out / row['file'])) for row in rows])
     assert torch.equal(generated, to_uint8(expected))
     assert result['num_images'] == 4
     assert result['fid'] == pytest.approx(numpy_fid(extract(s['reference_images']), extract(generated)), rel=1e-6)
@@ -438,4 +439,4 @@ def test_command_samples_a_checkpoint_into_the_folder_first(sample_folders, tmp_
 def test_a_folder_without_an_index_is_every_image_but_the_contact_sheet(tmp_path):
     write_pngs(tmp_path / 'sub', random_images(1), ['c.png'])
     write_pngs(tmp_path, random_images(3), ['b.png', 'a.png', 'contact_sheet.png'])
-    assert [row['file'] for row in metrics_module.read_samples(str(tmp_path))] == ['a.png', 'b.png', 'sub/c.png']
+    assert [row['file'] for row in image_metrics.read_samples(str(tmp_path))] == ['a.png', 'b.png', 'sub/c.png']
