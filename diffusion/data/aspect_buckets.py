@@ -47,6 +47,7 @@ from streaming import StreamingDataset
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from diffusion.data.faults import UnusableSample
 from diffusion.data.fingerprint import STATE_KEY as FINGERPRINT_KEY
 
 __all__ = [
@@ -487,7 +488,7 @@ def read_sample_sizes(dataset: StreamingDataset, image_key: str = 'image', progr
         begin = int(dataset.sample_offset_per_shard[shard_id])
         count = int(dataset.samples_per_shard[shard_id])
         mine[shard_id] = np.array(
-            [_sample_size(dataset.get_item(index), image_key) for index in range(begin, begin + count)], np.int32
+            [_sample_size(dataset, index, image_key) for index in range(begin, begin + count)], np.int32
         ).reshape(-1, 2)
     sizes = np.zeros((dataset.num_samples, 2), np.int32)
     for part in dist.all_gather_object(mine):
@@ -499,7 +500,11 @@ def read_sample_sizes(dataset: StreamingDataset, image_key: str = 'image', progr
     return sizes
 
 
-def _sample_size(sample: dict[str, Any], image_key: str) -> tuple[int, int]:
+def _sample_size(dataset: StreamingDataset, index: int, image_key: str) -> tuple[int, int]:
+    try:
+        sample = dataset.get_item(index)
+    except UnusableSample:  # e.g. text that is not UTF-8: replaced when loaded; any bucket does
+        return 1, 1
     height, width = sample.get('height'), sample.get('width')
     if isinstance(height, (int, np.integer)) and isinstance(width, (int, np.integer)) and height > 0 and width > 0:
         return int(height), int(width)

@@ -8,10 +8,10 @@ Builds on ``streaming.StreamingDataset`` (mosaicml-streaming 0.13), changing thr
   only sets a flag: the epoch then ends early *without an error* (none of its samples at all when the first shard
   is missing), and the next epoch raises "Background thread failed. Check other traceback." Here the iterator raises
   :class:`ShardDownloadError` naming the shard, the remote and the attempts made.
-* A sample that cannot train (an image that does not decode, an empty caption, ...) is replaced by the next usable
-  one (index + 1, wrapping; streaming itself has no skip). The choice depends on the data alone, so it is the same
-  on every rank, worker, run and resumption, and batches keep their size. Each replacement is logged with the
-  sample's index, shard and source, and the sample dict says ``replaced = 1``, so that
+* A sample that cannot train (an image that does not decode, an empty caption, text that is not UTF-8, ...) is
+  replaced by the next usable one (index + 1, wrapping; streaming itself has no skip). The choice depends on the
+  data alone, so it is the same on every rank, worker, run and resumption, and batches keep their size. Each
+  replacement is logged with the sample's index, shard and source, and the sample dict says ``replaced = 1``, so that
   :class:`~diffusion.data.replaced_sample_monitor.ReplacedSampleMonitor` counts replacements from the batches:
   DataLoader workers are separate processes, so a counter kept in the dataset would never reach the trainer.
 
@@ -32,6 +32,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any, Optional
 
 from composer.utils import dist
@@ -178,8 +179,16 @@ class FaultTolerantStreamingDataset(StreamingDataset):
         raise NotImplementedError
 
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
-        """Streaming's raw sample, with its license checked against ``license_preset``."""
-        sample = super().get_item(sample_id, retry)
+        """Streaming's raw sample, with its license checked against ``license_preset``.
+
+        Raises:
+            UnusableSample: ``not_utf8``, naming the column, for a text column whose bytes are not UTF-8
+                (streaming's decoder would raise a bare ``UnicodeDecodeError`` naming no sample or shard).
+        """
+        try:
+            sample = super().get_item(sample_id, retry)
+        except UnicodeDecodeError as error:
+            raise self._undecodable_text(sample_id, error) from error
         if self._allowed_licenses is not None:
             license_id = sample.get('license') if isinstance(sample, dict) else None
             if license_id not in self._allowed_licenses:
@@ -215,6 +224,34 @@ class FaultTolerantStreamingDataset(StreamingDataset):
             f'Cannot replace {self.describe(index, first.source)}: it and the {tries - 1} samples tried after it are '
             f'unusable. The first failure: {first}'
         ) from first
+
+    def _undecodable_text(self, sample_id: int, error: UnicodeDecodeError) -> UnusableSample:
+        """The :class:`UnusableSample` of a sample whose text does not decode, naming its columns where it can."""
+        columns, source = [], None
+        try:
+            shard_id, shard_sample_id = self.spanner[sample_id]
+            shard = self.shards[shard_id]
+            # Streaming's own MDS decoder, with its text columns read as raw bytes, to find which fail.
+            raw_text = ['bytes' if encoding == 'str' else encoding for encoding in shard.column_encodings]
+            layout = SimpleNamespace(
+                column_names=shard.column_names, column_sizes=shard.column_sizes, column_encodings=raw_text
+            )
+            raw = type(shard).decode_sample(layout, shard.get_sample_data(shard_sample_id))
+            texts = {
+                name: raw[name]
+                for name, encoding in zip(shard.column_names, shard.column_encodings)
+                if encoding == 'str'
+            }
+            for name, data in texts.items():
+                try:
+                    texts[name] = data.decode('utf-8')
+                except UnicodeDecodeError:
+                    columns.append(name)
+            source = next((texts[key] for key in ('source_url', 'key') if isinstance(texts.get(key), str)), None)
+        except Exception:  # not an MDS shard: the decoder's message alone says what failed
+            pass
+        where = f'column {", ".join(map(repr, columns))} is not UTF-8' if columns else 'text that is not UTF-8'
+        return UnusableSample('not_utf8', f'{where} ({error})', source or None)
 
     def describe(self, index: int, source: Optional[str] = None) -> str:
         """``'sample 7 (https://...) in shard.00000.mds'``: a sample as log messages name it."""

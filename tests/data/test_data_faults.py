@@ -282,6 +282,41 @@ def test_too_many_unusable_samples_in_a_row_raise(faulty_dataset):
         dataset[3]
 
 
+def write_raw_captions(out: str, captions: list[bytes]) -> str:
+    """Shards whose ``caption`` column (a ``str`` column, as every writer declares it) holds these raw bytes."""
+    columns = {'image': 'bytes', 'caption': 'bytes', 'source_url': 'str'}
+    with MDSWriter(out=out, columns=columns, hashes=list(SHARD_HASHES)) as writer:
+        for index, caption in enumerate(captions):
+            writer.write({'image': GOOD, 'caption': caption, 'source_url': f'https://data.invalid/{index}'})
+    # The same bytes under the 'str' encoding: what a writer that skipped the UTF-8 check leaves.
+    with open(os.path.join(out, 'index.json')) as f:
+        index = json.load(f)
+    for shard in index['shards']:
+        shard['column_encodings'][shard['column_names'].index('caption')] = 'str'
+    with open(os.path.join(out, 'index.json'), 'w') as f:
+        json.dump(index, f)
+    return out
+
+
+def test_a_caption_that_is_not_utf8_is_replaced_and_named(tmp_path, caplog):
+    captions = [b'good 0', 'caf\u00e9 in latin-1'.encode('latin-1'), b'good 2', b'\xff\xfe', b'good 4', b'good 5']
+    out = write_raw_captions(str(tmp_path / 'data'), captions)
+    with caplog.at_level(logging.WARNING, logger='diffusion.data.faults'):
+        dataset = StreamingImageCaptionDataset(local=out, resolution=16, crop='center')
+        samples = [dataset[index] for index in range(6)]
+    assert [s['sample_index'] for s in samples] == [0, 2, 2, 4, 4, 5]
+    assert [s['replaced'] for s in samples] == [0, 1, 0, 1, 0, 0]
+    for index, substitute in ((1, 2), (3, 4)):
+        assert (
+            f'Replacing sample {index} (https://data.invalid/{index}) in shard.00000.mds by sample {substitute}: '
+            f"not_utf8: column 'caption' is not UTF-8"
+        ) in caplog.text
+    # Counted in the batches, and the aspect-bucket path reads the sizes of such samples without failing either.
+    for buckets in (None, [[16, 16]]):
+        loader = build_image_caption_dataloader(out, batch_size=3, resolution=16, shuffle=False, aspect_buckets=buckets)
+        assert sorted(torch.cat([batch['replaced'] for batch in loader]).tolist()) == [0, 0, 0, 0, 1, 1]
+
+
 def test_latents_with_nan_are_replaced(tmp_path):
     out = str(tmp_path / 'latents')
     with MDSWriter(out=out, columns={'image_latents': 'ndarray', 'text_embeds': 'ndarray'}, hashes=['xxh64']) as w:
