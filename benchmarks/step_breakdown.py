@@ -37,7 +37,9 @@ def time_steps(model, resolution: int, batch_size: int, steps: int, warmup: int,
     model.to(device).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     images = torch.rand(batch_size, 3, resolution, resolution, device=device) * 2 - 1
-    input_ids = model.tokenize(['a photo of a red circle on a striped gray background'] * batch_size).to(device)
+    input_ids = model.conditioner.tokenize(['a photo of a red circle on a striped gray background'] * batch_size)[
+        'input_ids'
+    ].to(device)
     totals = dict.fromkeys(PHASES, 0.0)
     for step in range(warmup + steps):
         marks = [time.perf_counter()]
@@ -45,7 +47,7 @@ def time_steps(model, resolution: int, batch_size: int, steps: int, warmup: int,
             mean, std = model.vae_moments(images)
             _sync(device)
             marks.append(time.perf_counter())
-            text_embeds = model.encode_text(input_ids)
+            text_embeds = model.conditioner.encode({'input_ids': input_ids})['text_embeds']
             _sync(device)
             marks.append(time.perf_counter())
         outputs = model({'image_latents_mean': mean, 'image_latents_std': std, 'text_embeds': text_embeds})

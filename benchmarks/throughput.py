@@ -2,7 +2,7 @@
 
 One process, the production ``StableDiffusion`` model and the same functions the yaml switches call
 (``apply_attention_backend``, Composer's ``apply_low_precision_groupnorm/layernorm``, channels-last,
-``apply_compile_unet``, ``apply_gradient_checkpointing``, batches of precomputed latents). The baseline is what a
+``apply_compile_denoiser``, ``apply_gradient_checkpointing``, batches of precomputed latents). The baseline is what a
 plain trainer does: images through the VAE and captions through the text encoder at every step, math attention,
 no compile, fp32 on CPU and plain bf16 autocast on GPU. Every other row adds one plugin to that baseline; the
 ``recipe`` row combines the speedups. Printed per row: images/s, the ratio to the baseline, and on GPU the UNet
@@ -34,7 +34,7 @@ from composer.algorithms.low_precision_groupnorm import apply_low_precision_grou
 from composer.algorithms.low_precision_layernorm import apply_low_precision_layernorm
 from composer.core import Precision
 
-from diffusion.algorithms import apply_attention_backend, apply_compile_unet, apply_gradient_checkpointing
+from diffusion.algorithms import apply_attention_backend, apply_compile_denoiser, apply_gradient_checkpointing
 from diffusion.models import stable_diffusion_2, tiny_stable_diffusion
 
 FACTORIES: dict[str, Callable[[], Any]] = {'tiny': tiny_stable_diffusion, 'sd2': stable_diffusion_2}
@@ -82,19 +82,25 @@ def build(pristine: Any, switches: dict[str, Any], device: torch.device) -> Any:
     if switches.get('gradient_checkpointing'):
         apply_gradient_checkpointing(model)
     if switches.get('compile'):
-        apply_compile_unet(model)
+        apply_compile_denoiser(model)
     return model
 
 
 def make_batch(model: Any, resolution: int, batch_size: int, latents: bool, device: torch.device) -> dict:
     torch.manual_seed(1)
     images = torch.rand(batch_size, 3, resolution, resolution, device=device) * 2 - 1
-    input_ids = model.tokenize(['a photo of a red fox in the snow, Creative Commons'] * batch_size).to(device)
+    input_ids = model.conditioner.tokenize(['a photo of a red fox in the snow, Creative Commons'] * batch_size)[
+        'input_ids'
+    ].to(device)
     if not latents:
         return {'image': images, 'input_ids': input_ids}
     with torch.no_grad():  # what the precompute stage stores, computed outside the timed steps
         mean, std = model.vae_moments(images)
-        return {'image_latents_mean': mean, 'image_latents_std': std, 'text_embeds': model.encode_text(input_ids)}
+        return {
+            'image_latents_mean': mean,
+            'image_latents_std': std,
+            'text_embeds': model.conditioner.encode({'input_ids': input_ids})['text_embeds'],
+        }
 
 
 def measure(model: Any, batch: dict, bf16: bool, steps: int, warmup: int, device: torch.device) -> float:

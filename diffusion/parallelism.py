@@ -4,12 +4,13 @@ Composer wraps each child of a ``ComposerModel`` in its own FSDP root and, insid
 ``_fsdp_wrap = True``; it checkpoints activations of modules for which the child's ``activation_checkpointing_fn``
 is true. :func:`mark_fsdp_units` sets those markers:
 
-- the UNet is sharded, one FSDP unit per down block, the mid block and each up block (about 10 units for SD2, so
-  only one block's full weights are gathered at a time), and activation checkpointing, when configured, covers its
-  transformer blocks and ResNet blocks;
+- the denoiser is sharded, one FSDP unit per block its :meth:`~diffusion.models.denoisers.Denoiser.fsdp_units`
+  names (for the UNet each down block, the mid block and each up block: about 10 units for SD2, so only one
+  block's full weights are gathered at a time), and activation checkpointing, when configured, covers the modules
+  its ``activation_checkpointing_fn`` picks (the UNet's transformer and ResNet blocks);
 - a frozen VAE or text encoder is left out of FSDP (``_fsdp_wrap = False``): it has no gradients to reduce and no
   optimizer state to shard, so replicating it (0.4B parameters for SD2) costs less than all-gathering it at every
-  step; one that trains is sharded like the UNet.
+  step; one that trains is sharded like the denoiser.
 
 Composer's FSDP needs CUDA (it calls ``torch.cuda.current_device()``); on CPU :func:`resolve_parallelism` says so
 and returns ``None``, so the run uses DDP (gloo) with the same config. Composer's FSDP2 (``fully_shard``, chosen
@@ -38,8 +39,6 @@ import torch
 from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config, FSDPConfig, ParallelismConfig, TPConfig
 from diffusers import ModelMixin
-from diffusers.models.attention import BasicTransformerBlock
-from diffusers.models.resnet import ResnetBlock2D
 from torch.distributed.fsdp import FSDPModule, FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.tensor import DTensor
@@ -73,21 +72,14 @@ def fsdp2_selected() -> bool:
     return os.environ.get('FSDP_VERSION', '1') == '2'
 
 
-def _checkpointed(module: Any) -> bool:
-    return isinstance(module, (BasicTransformerBlock, ResnetBlock2D))
-
-
 def mark_fsdp_units(model: Any) -> None:
     """Set Composer's FSDP wrapping and activation-checkpointing markers on a diffusion model's parts."""
-    unet = model.unet
-    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
-        if block is not None:
-            block._fsdp_wrap = True
-    unet.activation_checkpointing_fn = _checkpointed
-    for name in ('vae', 'text_encoder', 'text_encoder_2'):
-        part = getattr(model, name, None)
-        if part is not None:
-            part._fsdp_wrap = any(p.requires_grad for p in part.parameters())
+    denoiser = model.denoiser
+    for unit in denoiser.fsdp_units():
+        unit._fsdp_wrap = True
+    denoiser.network.activation_checkpointing_fn = denoiser.activation_checkpointing_fn
+    for part in model.frozen_encoders():
+        part._fsdp_wrap = any(p.requires_grad for p in part.parameters())
 
 
 def check_parallelism_config(parallelism_config: Optional[dict[str, Any]]) -> None:
@@ -162,7 +154,7 @@ def _plain_class(module: torch.nn.Module) -> type:
 def unsharded(component: torch.nn.Module) -> Optional[torch.nn.Module]:
     """``component`` as a plain module that ``save_pretrained`` can write: itself when nothing in it is sharded.
 
-    When FSDP shards it (Composer wraps the UNet, and any encoder that trains), every rank must call this, since
+    When FSDP shards it (Composer wraps the denoiser, and any encoder that trains), every rank must call this, since
     gathering the full weights is a collective. Under FSDP (``parallelism_config.fsdp``) torch's full state dict is
     gathered, kept by rank 0 alone (in CPU memory when training on GPUs); under FSDP2 (``FSDP_VERSION=2``,
     parameters are DTensors) each tensor's ``full_tensor()`` is. Rank 0 gets a copy of the component's own class,

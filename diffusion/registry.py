@@ -1,4 +1,5 @@
-"""Named registries that configs use to pick models, data, optimizers, algorithms, callbacks and loggers.
+"""Named registries that configs use to pick models, data, optimizers, algorithms, callbacks and loggers, and
+the model components' registries (denoisers, text conditioners, objectives, adapters), listed here together.
 
 Built on ``catalogue`` (already a dependency of mosaicml-streaming), which also exposes each registry as a
 Python entry-point group (``diffusion_<registry>``) so that third-party packages can add their own entries
@@ -17,7 +18,6 @@ signature first, so a misspelled key fails before anything is constructed and th
 
 from __future__ import annotations
 
-
 import torch
 from composer import algorithms as composer_algorithms
 from composer import callbacks as composer_callbacks
@@ -30,17 +30,22 @@ from diffusion.data.image_caption import build_image_caption_dataloader
 from diffusion.data.latents import build_latent_dataloader
 from diffusion.data.replaced_sample_monitor import ReplacedSampleMonitor
 from diffusion.models import autoencoder, factories
+from diffusion.models.registries import adapters, denoisers, objectives, text_conditioners
 from diffusion.utils import Registry
 
 __all__ = [
     'Registry',
+    'adapters',
     'algorithms',
     'callbacks',
     'dataloaders',
+    'denoisers',
     'loggers',
     'models',
+    'objectives',
     'optimizers',
     'schedulers',
+    'text_conditioners',
 ]
 
 
@@ -63,7 +68,8 @@ algorithms.register_all(
         'gradient_clipping': composer_algorithms.GradientClipping,
         'attention_backend': our_algorithms.AttentionBackend,
         'gradient_checkpointing': our_algorithms.GradientCheckpointing,
-        'compile_unet': our_algorithms.CompileUNet,
+        'compile_denoiser': our_algorithms.CompileDenoiser,
+        'compile_unet': our_algorithms.CompileDenoiser,  # its name before the denoiser became a component
     }
 )
 callbacks.register_all(
@@ -106,6 +112,8 @@ schedulers.register_all(
 optimizers.register_all({'adamw': torch.optim.AdamW, 'decoupled_adamw': composer_optim.DecoupledAdamW})
 models.register_all(
     {
+        # Compose any denoiser, text conditioner and objective by name (model.denoiser: {name: ...}, ...).
+        'latent_diffusion': factories.latent_diffusion,
         'stable_diffusion_2': factories.stable_diffusion_2,
         'tiny_stable_diffusion': factories.tiny_stable_diffusion,
         'stable_diffusion_xl': factories.stable_diffusion_xl,

@@ -6,7 +6,6 @@ import inspect
 from typing import Any, Callable, Collection, Mapping, Optional
 
 import catalogue
-
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ['Registry', 'accepted_keys', 'check_kwargs', 'forwards_kwargs', 'unwrap_model']

@@ -144,7 +144,7 @@ def build_tiny_sd(**overrides):
 
 
 def build_tiny_sdxl(**overrides):
-    """A StableDiffusionXL of test size (16px images, 8x8 latents); ``overrides`` go to the factory."""
+    """An SDXL model of test size (16px images, 8x8 latents); ``overrides`` go to the factory."""
     return tiny_stable_diffusion_xl(**TEST_XL, **overrides)
 
 

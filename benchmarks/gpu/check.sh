@@ -59,7 +59,7 @@ print(f"bf16 matmul 8192^3: {10 * 2 * 8192**3 / (time.perf_counter() - start) / 
 EOF' ;;
         tests)
             run_stage tests 170 python3 -m pytest -q -p no:cacheprovider -rs \
-                tests/algorithms/test_compile_unet.py tests/algorithms/test_attention_backend.py \
+                tests/algorithms/test_compile_denoiser.py tests/algorithms/test_attention_backend.py \
                 tests/test_parallelism.py -m 'gpu or slow' \
                 --deselect tests/test_parallelism.py::test_two_process_cpu_run_with_the_fsdp_config_trains_with_ddp ;;
         256)

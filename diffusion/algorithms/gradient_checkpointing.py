@@ -1,6 +1,7 @@
-"""Activation (gradient) checkpointing of the UNet: keep each block's input, recompute the rest in the backward.
+"""Activation (gradient) checkpointing of the denoiser: keep each block's input, recompute the rest in the backward.
 
-Turns on diffusers' ``enable_gradient_checkpointing`` of the UNet, which runs its resnet and transformer blocks
+Turns on diffusers' ``enable_gradient_checkpointing`` of the denoising network, which runs its resnet and
+transformer blocks
 under ``torch.utils.checkpoint`` (non-reentrant): a block's intermediate activations are freed after the forward
 and recomputed during the backward. Trades about 30% more compute (one extra UNet forward per step, where forward
 plus backward cost about three forwards) for activation memory, so that a larger microbatch fits on a device.
@@ -20,7 +21,7 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from diffusion.algorithms._components import get_unet
+from diffusion.models import get_denoiser
 
 log = logging.getLogger(__name__)
 
@@ -28,21 +29,21 @@ __all__ = ['GradientCheckpointing', 'apply_gradient_checkpointing']
 
 
 def apply_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """Turn on gradient checkpointing in the UNet of ``model``.
+    """Turn on gradient checkpointing in the denoiser of ``model``.
 
     Args:
-        model (torch.nn.Module): A :class:`~diffusion.models.StableDiffusion` (or a bare diffusers UNet).
+        model (torch.nn.Module): A :class:`~diffusion.models.StableDiffusion`.
 
     Raises:
-        ValueError: If the model has no diffusers UNet, or the UNet does not support gradient checkpointing.
+        ValueError: If the model has no denoiser, or its network does not support gradient checkpointing.
     """
-    unet = get_unet(model, 'GradientCheckpointing')
-    unet.enable_gradient_checkpointing()
-    log.info(f'Enabled gradient checkpointing in {type(unet).__name__}.')
+    denoiser = get_denoiser(model, 'GradientCheckpointing')
+    denoiser.enable_gradient_checkpointing()
+    log.info(f'Enabled gradient checkpointing in {type(denoiser.network).__name__}.')
 
 
 class GradientCheckpointing(Algorithm):
-    """Turn on the UNet's gradient checkpointing at ``Event.INIT``; see :func:`apply_gradient_checkpointing`.
+    """Turn on the denoiser's gradient checkpointing at ``Event.INIT``; see :func:`apply_gradient_checkpointing`.
 
     Example yaml: ``algorithms: {gradient_checkpointing: {}}``.
     """

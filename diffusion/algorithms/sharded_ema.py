@@ -2,7 +2,7 @@
 
 Composer's ``EMA`` (with ``ema_start``, the paper's scheduled EMA) reaches full parameters under FSDP through
 ``model.module.summon_full_params``, which assumes the FSDP wrapper is the model itself. Composer's own FSDP
-integration wraps the *children* of a ``ComposerModel`` instead (``unet``, ``vae``, ``text_encoder``), so with a
+integration wraps the *children* of a ``ComposerModel`` instead (the denoiser, ``vae``, ``text_encoder``), so with a
 sharded UNet that call fails (``'StableDiffusion' object has no attribute 'module'``) at the first EMA update, and
 the parameter names carry FSDP's ``_fsdp_wrapped_module.`` prefixes, so the EMA state of a sharded run would not
 load into an unsharded one. This subclass keeps every Composer behaviour (events, ``ema_start``, swapping for

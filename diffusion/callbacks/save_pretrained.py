@@ -1,7 +1,7 @@
 """Save model components at the end of training in the diffusers/transformers folder format.
 
 Builds on Composer's ``Callback`` and the ``save_pretrained`` of diffusers and transformers (safetensors weights
-plus config). The folder layout is a diffusers pipeline's (``<folder>/vae``, ``<folder>/unet``, ...), so that
+plus config). The folder layout is a diffusers pipeline's (``<folder>/vae``, ``<folder>/text_encoder``, ...), so that
 another run loads it with ``pretrained_model_name_or_path=<folder>``; the demo hands its trained autoencoder to
 the diffusion run this way. A component that FSDP shards is exported through
 :func:`diffusion.parallelism.unsharded`, which every rank joins.
@@ -28,7 +28,7 @@ class SavePretrained(Callback):
 
     Args:
         folder (str): Output folder.
-        components (Sequence[str]): Attribute names of the model to save (``'vae'``, ``'unet'``, ...).
+        components (Sequence[str]): Attribute names of the model to save (``'vae'``, ``'text_encoder'``, ...).
         use_ema (bool): Export the EMA weights when an ``ema`` algorithm has started (what the paper releases).
             Default: ``True``.
     """
@@ -47,7 +47,7 @@ class SavePretrained(Callback):
             model.prepare_for_export()
         with ema_weights(state, self.use_ema):
             for name in self.components:
-                component = unsharded(getattr(model, name))  # every rank: a collective when the UNet is sharded
+                component = unsharded(getattr(model, name))  # every rank: a collective when FSDP shards it
                 if dist.get_global_rank() == 0:
                     component.save_pretrained(os.path.join(self.folder, name))
             dist.barrier()

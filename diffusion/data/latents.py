@@ -17,22 +17,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from diffusion.data.batch import IMAGE_LATENT_KEYS, MICRO_CONDITIONING_KEYS
 from diffusion.data.faults import FaultTolerantStreamingDataset, UnusableSample
 from diffusion.data.image_caption import per_rank_batch_size, resolve_source, streaming_dataloader
 from diffusion.data.shard_integrity import AUTO
 
 __all__ = [
     'LATENT_COLUMNS',
-    'MICRO_CONDITIONING_COLUMNS',
     'StreamingLatentDataset',
     'build_latent_dataloader',
     'from_stored',
     'to_stored',
 ]
 
-# Tensor columns a latent shard may hold; each is returned when present.
-LATENT_COLUMNS = ('image_latents_mean', 'image_latents_std', 'image_latents', 'text_embeds', 'pooled_text_embeds')
-MICRO_CONDITIONING_COLUMNS = ('cond_original_size', 'cond_crops_coords_top_left', 'cond_target_size')
+# Tensor columns a latent shard may hold; each is returned when present (see diffusion.data.batch).
+LATENT_COLUMNS = (*IMAGE_LATENT_KEYS, 'text_embeds', 'pooled_text_embeds')
 STORAGE_DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
 
@@ -73,7 +72,7 @@ class StreamingLatentDataset(FaultTolerantStreamingDataset):
         if non_finite:
             source = sample.get('source_url') or sample.get('key') or None
             raise UnusableSample('non_finite', f'{", ".join(non_finite)} hold NaN or inf', source)
-        for key in MICRO_CONDITIONING_COLUMNS:  # SDXL's size and crop conditioning, (height, width) / (top, left)
+        for key in MICRO_CONDITIONING_KEYS:  # SDXL's size and crop conditioning, (height, width) / (top, left)
             if key in sample:
                 out[key] = torch.tensor(np.array(sample[key]), dtype=torch.long)
         out['captions'] = sample.get('caption', '')

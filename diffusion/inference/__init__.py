@@ -9,7 +9,7 @@ from typing import Any
 from diffusion.checkpointing import RunConfigInCheckpoint
 from diffusion.inference.loading import LoadedModel, load_checkpoint, load_model
 from diffusion.inference.model_card import write_model_card
-from diffusion.inference.single_file import pipeline_to_ldm, save_single_file
+from diffusion.models.single_file import pipeline_to_ldm, save_single_file
 
 __all__ = [
     'LoadedModel',

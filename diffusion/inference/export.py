@@ -4,7 +4,7 @@ Writes a diffusers pipeline folder (``StableDiffusionPipeline`` or ``StableDiffu
 model's ``pipeline()`` returns) with diffusers' ``save_pretrained(safe_serialization=True)``, so every weight file
 is safetensors and nothing is pickled; the EMA weights when the checkpoint has them (see
 :mod:`diffusion.inference.loading`). On request it also writes the single-file checkpoint in the original layout
-that ComfyUI and similar tools load (:mod:`diffusion.inference.single_file`), and always the model card
+that ComfyUI and similar tools load (:mod:`diffusion.models.single_file`), and always the model card
 (:mod:`diffusion.inference.model_card`) with the training data's license mix and a link to its attribution manifest.
 """
 
@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from diffusion.inference.model_card import write_model_card
-from diffusion.inference.single_file import save_single_file
+from diffusion.models.adapters import merge_adapters
+from diffusion.models.single_file import save_single_file
 
 __all__ = ['DTYPES', 'PICKLE_SUFFIXES', 'export_model', 'main']
 
@@ -74,6 +75,9 @@ def export_model(
         raise ValueError(f'Unknown dtype {dtype!r}. Valid values: {", ".join(DTYPES)}.')
     if not hasattr(model, 'pipeline'):
         raise TypeError(f'{type(model).__name__} has no pipeline(); only diffusion models can be exported.')
+    if getattr(model, 'adapters', None):
+        # A plain diffusers pipeline has no adapters: merge them into a copy's base weights (the model is unchanged).
+        model = merge_adapters(copy.deepcopy(model))
     pipeline = _cast(model.pipeline(), DTYPES[dtype])
     os.makedirs(out_dir, exist_ok=True)
     pipeline.save_pretrained(out_dir, safe_serialization=True)

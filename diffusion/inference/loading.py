@@ -16,8 +16,6 @@ the pipeline's ``from_pretrained`` (safetensors only) and wrapped in the project
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import logging
 import os
@@ -27,7 +25,6 @@ from typing import Any, Optional
 
 import torch
 from composer.utils import get_file, parse_uri
-from diffusers import DDPMScheduler
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.builders import build_model
@@ -40,6 +37,7 @@ from diffusion.checkpointing import (
     validate_checkpoint,
 )
 from diffusion.config import load_config, validate_config
+from diffusion.models.factories import from_pipeline, pipeline_names
 from diffusion.models.noise import INFERENCE_SCHEDULERS
 from diffusion.parallelism import clean_parameter_name
 
@@ -52,13 +50,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# Pipeline class (model_index.json's _class_name) -> the project's model class that wraps its components.
-PIPELINE_MODELS = {
-    'StableDiffusionPipeline': ('diffusion.models.stable_diffusion', 'StableDiffusion'),
-    'StableDiffusionXLPipeline': ('diffusion.models.stable_diffusion_xl', 'StableDiffusionXL'),
-}
-
 
 @dataclass
 class LoadedModel:
@@ -111,23 +102,15 @@ def scheduler_name(scheduler: Any) -> str:
 def _load_pipeline_folder(folder: str, device: str) -> LoadedModel:
     with open(os.path.join(folder, 'model_index.json')) as f:
         class_name = json.load(f).get('_class_name')
-    if class_name not in PIPELINE_MODELS:
+    if class_name not in pipeline_names():
         raise ValueError(
-            f'{folder}/model_index.json names pipeline {class_name!r}; supported: {", ".join(PIPELINE_MODELS)}.'
+            f'{folder}/model_index.json names pipeline {class_name!r}; supported: {", ".join(pipeline_names())}.'
         )
     import diffusers
 
     # use_safetensors=True: a pickled .bin in the folder is refused rather than unpickled.
     pipe = getattr(diffusers, class_name).from_pretrained(folder, use_safetensors=True, local_files_only=True)
-    module, name = PIPELINE_MODELS[class_name]
-    model_class = getattr(importlib.import_module(module), name)
-    accepted = inspect.signature(model_class).parameters
-    components = {k: v for k, v in pipe.components.items() if k in accepted and v is not None}
-    model = model_class(
-        **components,
-        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-        inference_scheduler=scheduler_name(pipe.scheduler),
-    )
+    model = from_pipeline(pipe, inference_scheduler=scheduler_name(pipe.scheduler))
     return LoadedModel(model.to(device).eval(), 'pipeline', folder)
 
 

@@ -195,8 +195,8 @@ def render_model_card(
     total = sum(_parameters(v) for v in components.values())
     data_lines, licenses = _data_section(provenance, searched, attribution_url, out_dir)
     non_commercial = licenses is not None and any('NC' in _elements(lic) for lic in licenses)
-    prediction = model.noise_scheduler.config.prediction_type
-    size = int(model.unet.config.sample_size) * 2 ** (len(model.vae.config.block_out_channels) - 1)
+    objective = model.objective.describe()
+    size = model.default_image_size
 
     lines = [
         '---',
@@ -221,8 +221,8 @@ def render_model_card(
     lines += [
         f'| **total** | | {total:,} |',
         '',
-        f'Prediction type `{prediction}`; native resolution {size}x{size} pixels; default sampler '
-        f'`{model.inference_scheduler}`.',
+        f'Objective {objective["objective"]}, prediction type `{objective["prediction_type"]}`; native resolution '
+        f'{size}x{size} pixels; default sampler `{model.objective.default_scheduler}`.',
         '',
         '## Training',
         '',
@@ -275,7 +275,8 @@ def write_model_card(model: Any, out_dir: str, **kwargs: Any) -> str:
     """Write ``<out_dir>/README.md`` and return its path.
 
     Args:
-        model: The exported model (anything with ``pipeline()``, ``noise_scheduler``, ``unet`` and ``vae``).
+        model: The exported model (a :class:`~diffusion.models.StableDiffusion`: ``pipeline()``, ``objective``,
+            ``default_image_size``).
         out_dir (str): The export folder; links in the card are relative to it.
         **kwargs: ``name`` (title; default: the run name), ``config`` (the training config, for the training
             summary and the provenance lookup), ``provenance`` (path of ``provenance.json``; default: looked up

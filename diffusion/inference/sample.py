@@ -12,6 +12,7 @@ DrawBench, COCO captions).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import textwrap
@@ -47,9 +48,8 @@ CONDITIONING_FLAGS = ('original_size', 'crops_coords_top_left', 'target_size')
 
 
 def default_image_size(model: Any) -> int:
-    """The pipeline's default side in pixels: the UNet's sample size times the VAE's downsampling factor."""
-    factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
-    return int(model.unet.config.sample_size) * factor
+    """The pipeline's default side in pixels: the denoiser's sample size times the autoencoder's factor."""
+    return model.default_image_size
 
 
 def _read_rows(path: str) -> dict[str, dict]:
@@ -72,7 +72,9 @@ def _save_png(image: torch.Tensor, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _check_settings(prompts: Sequence[str], seeds: Sequence[int], batch_size: int, scheduler: str) -> None:
+def _check_settings(
+    prompts: Sequence[str], seeds: Sequence[int], batch_size: int, scheduler: str, scheduler_names: Sequence[str]
+) -> None:
     if not prompts:
         raise ValueError('No prompts to sample.')
     if not seeds:
@@ -81,8 +83,8 @@ def _check_settings(prompts: Sequence[str], seeds: Sequence[int], batch_size: in
         raise ValueError(f'Seeds repeat: {list(seeds)}; each seed names one image per prompt.')
     if batch_size < 1:
         raise ValueError(f'batch_size must be at least 1, got {batch_size}.')
-    if scheduler not in INFERENCE_SCHEDULERS:
-        raise ValueError(f'Unknown scheduler {scheduler!r}. Valid names: {", ".join(INFERENCE_SCHEDULERS)}.')
+    if scheduler not in scheduler_names:
+        raise ValueError(f'Unknown scheduler {scheduler!r}. Valid names: {", ".join(scheduler_names)}.')
 
 
 def sample_to_folder(
@@ -131,9 +133,9 @@ def sample_to_folder(
         ``prompt_index``, ``prompt``, ``seed``, ``negative_prompt``, ``guidance_scale``, ``num_inference_steps``,
         ``scheduler``, ``height``, ``width`` (and ``conditioning`` when given).
     """
-    scheduler = scheduler or model.inference_scheduler
+    scheduler = scheduler or model.objective.default_scheduler
     seeds = [int(s) for s in seeds]
-    _check_settings(prompts, seeds, batch_size, scheduler)
+    _check_settings(prompts, seeds, batch_size, scheduler, model.objective.scheduler_names)
     height = int(height or default_image_size(model))
     width = int(width or default_image_size(model))
     os.makedirs(out_dir, exist_ok=True)
@@ -275,12 +277,15 @@ def _non_negative(value: str) -> int:
 
 
 def _conditioning(args: argparse.Namespace, model: Any) -> dict[str, list[int]]:
-    from diffusion.models import StableDiffusionXL
-
     given = {name: getattr(args, name) for name in CONDITIONING_FLAGS if getattr(args, name) is not None}
-    if given and not isinstance(model, StableDiffusionXL):
+    accepted = inspect.signature(model.conditioner.pipeline_call_kwargs).parameters
+    if any(name not in accepted for name in given):
         flags = ', '.join('--' + name.replace('_', '-') for name in given)
-        raise SystemExit(f'error: {flags} apply to SDXL models only; {type(model).__name__} has no micro-conditioning')
+        conditioner = type(model.conditioner).__name__
+        raise SystemExit(
+            f'error: {flags} apply to SDXL models only; {type(model).__name__} with {conditioner} has no '
+            'micro-conditioning'
+        )
     return given
 
 

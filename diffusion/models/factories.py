@@ -1,32 +1,36 @@
 """Factories that return a ready :class:`StableDiffusion` from a few arguments.
 
-``stable_diffusion_2`` builds the SD2-base architecture (CommonCanvas-S): the 865.9M-parameter UNet, the OpenCLIP
-ViT-H/14 text tower as a transformers ``CLIPTextModel`` and the SD VAE, with the configs of shared/REFERENCE.md.
-``stable_diffusion_xl`` builds the SDXL-base architecture (CommonCanvas-XL): the 2.57B-parameter UNet with the
-``text_time`` added embedding, CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 (with projection) text towers and the SDXL
-VAE. ``tiny_stable_diffusion`` and ``tiny_stable_diffusion_xl`` build the same classes at a size that trains on a
-CPU (tests and ``make demo``). Each loads components with diffusers/transformers ``from_pretrained`` from a
-diffusers pipeline folder (local path or hub id) when ``pretrained_model_name_or_path`` is given, and builds the
-rest from config with random weights.
+``latent_diffusion`` composes a model from components named in the config (a denoiser, a text conditioner, an
+objective; see :mod:`diffusion.models.registries`) and an autoencoder. The family factories fill those components
+from presets: ``stable_diffusion_2`` builds the SD2-base architecture (CommonCanvas-S): the 865.9M-parameter UNet,
+the OpenCLIP ViT-H/14 text tower as a transformers ``CLIPTextModel`` and the SD VAE. ``stable_diffusion_xl`` builds
+the SDXL-base architecture (CommonCanvas-XL): the 2.57B-parameter UNet with the ``text_time`` added embedding, CLIP
+ViT-L/14 and OpenCLIP ViT-bigG/14 (with projection) text towers and the SDXL VAE. ``tiny_stable_diffusion`` and
+``tiny_stable_diffusion_xl`` build the same components at a size that trains on a CPU (tests and ``make demo``).
+Each loads components with diffusers/transformers ``from_pretrained`` (``use_safetensors=True``) from a diffusers
+pipeline folder (local path or hub id) when ``pretrained_model_name_or_path`` is given, and builds the rest from
+config with random weights. The training objective is the DDPM family set by the flat keys (``prediction_type``,
+``min_snr_gamma``, ...) unless ``objective: {name: ...}`` names another.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional, Sequence
+import functools
+import inspect
+from typing import Any, Mapping, Optional, Sequence
 
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler
 
-from diffusion.models.noise import build_noise_scheduler
+from diffusion.models.conditioners import CLIPTextConditioner, SDXLTextConditioner
+from diffusion.models.denoisers import UNetDenoiser
+from diffusion.models.objectives import DDPMObjective
+from diffusion.models.registries import build_component, denoisers, objectives, text_conditioners
 from diffusion.models.stable_diffusion import StableDiffusion
-from diffusion.models.stable_diffusion_xl import StableDiffusionXL
 from diffusion.models.text_encoders import (
-    EOS_TOKEN,
     SD2_TEXT_ENCODER_CONFIG,
     SDXL_TEXT_ENCODER_2_CONFIG,
     SDXL_TEXT_ENCODER_CONFIG,
-    build_clip_tokenizer,
-    build_text_encoder,
 )
 from diffusion.utils import check_kwargs, forwards_kwargs
 
@@ -41,7 +45,10 @@ __all__ = [
     'TINY_VAE_CONFIG',
     'build_stable_diffusion',
     'build_stable_diffusion_xl',
+    'from_pipeline',
+    'latent_diffusion',
     'merge_config',
+    'pipeline_names',
     'stable_diffusion_2',
     'stable_diffusion_xl',
     'tiny_stable_diffusion',
@@ -49,9 +56,7 @@ __all__ = [
 ]
 
 COMPONENTS = ('unet', 'vae', 'text_encoder', 'tokenizer')
-_BUILT_HERE = (*COMPONENTS, 'noise_scheduler')
 XL_COMPONENTS = ('unet', 'vae', 'text_encoder', 'text_encoder_2', 'tokenizer', 'tokenizer_2')
-_XL_BUILT_HERE = (*XL_COMPONENTS, 'noise_scheduler')
 
 SD2_UNET_CONFIG = dict(
     sample_size=64,
@@ -178,27 +183,89 @@ def merge_config(defaults: dict, overrides: Optional[dict]) -> dict:
     return config
 
 
-def _components_to_load(root: Optional[str], requested: Sequence[str], valid: Sequence[str]) -> set[str]:
-    unknown = sorted(set(requested) - set(valid))
+def _check_pretrained(pretrained_components: Sequence[str], valid: Sequence[str]) -> None:
+    unknown = sorted(set(pretrained_components) - set(valid))
     if unknown:
         raise ValueError(f'Unknown pretrained_components {unknown}. Valid components: {", ".join(valid)}.')
-    return set(requested) if root is not None else set()
 
 
-# use_safetensors=True: a pickled .bin, which runs code when loaded, is refused (see diffusion/checkpointing.py).
-def _unet(root: Optional[str], load: set[str], config: dict) -> UNet2DConditionModel:
-    if 'unet' in load:
-        return UNet2DConditionModel.from_pretrained(root, subfolder='unet', use_safetensors=True)
-    return UNet2DConditionModel(**config)
+def latent_diffusion(
+    denoiser: Mapping[str, Any],
+    text_conditioner: Mapping[str, Any],
+    vae_config: Optional[dict] = None,
+    objective: Optional[Mapping[str, Any]] = None,
+    *,
+    pretrained_model_name_or_path: Optional[str] = None,
+    pretrained_components: Sequence[str] = (),
+    train_vae: bool = False,
+    val_seed: int = 1138,
+) -> StableDiffusion:
+    """A :class:`StableDiffusion` composed of components named in the config.
+
+    Args:
+        denoiser (Mapping): ``{name: <denoisers entry>, <its arguments>}``, e.g. ``{name: unet, config: {...}}``.
+        text_conditioner (Mapping): ``{name: <text_conditioners entry>, ...}``, e.g. ``{name: clip, ...}``.
+        vae_config (dict, optional): ``AutoencoderKL`` arguments when the VAE is not loaded. Default: the SD VAE.
+        objective (Mapping, optional): ``{name: <objectives entry>, ...}``. Default: ``{name: ddpm}``.
+        pretrained_model_name_or_path (str, optional): A diffusers pipeline folder or hub id.
+        pretrained_components (Sequence[str]): Which of its components to load (``vae``, the denoiser's and the
+            conditioner's component names, e.g. ``unet``, ``text_encoder``, ``tokenizer``).
+        train_vae (bool): Train the VAE too. Default: ``False``.
+        val_seed (int): Seed of the validation noise. Default: ``1138``.
+    """
+    return _compose(
+        denoiser, text_conditioner, vae_config, objective, pretrained_model_name_or_path, pretrained_components
+    )(train_vae=train_vae, val_seed=val_seed)
 
 
-def _vae(root: Optional[str], load: set[str], config: dict) -> AutoencoderKL:
+def _compose(
+    denoiser: Mapping[str, Any],
+    text_conditioner: Mapping[str, Any],
+    vae_config: Optional[dict],
+    objective: Optional[Mapping[str, Any]],
+    root: Optional[str],
+    pretrained_components: Sequence[str],
+    conditioner_first: bool = False,
+) -> Any:
+    """Build the components and return a function that assembles the model from them.
+
+    The components are built in a fixed order (denoiser, autoencoder, text conditioner; or the conditioner first
+    when ``conditioner_first``), since each draws its random initial weights from the global RNG: the order is part
+    of what makes a seeded run repeat. SDXL's factory has always built its text encoders first.
+    """
+    load = set(pretrained_components) if root is not None else set()
+
+    def build_conditioner() -> Any:
+        return build_component(
+            text_conditioners, text_conditioner, where='model.text_conditioner', pretrained=root, load=load
+        )
+
+    conditioner = build_conditioner() if conditioner_first else None
+    built_denoiser = build_component(denoisers, denoiser, where='model.denoiser', pretrained=root, load=load)
     if 'vae' in load:
-        return AutoencoderKL.from_pretrained(root, subfolder='vae', use_safetensors=True)
-    return AutoencoderKL(**config)
+        vae = AutoencoderKL.from_pretrained(root, subfolder='vae', use_safetensors=True)
+    else:
+        vae = AutoencoderKL(**merge_config(SD_VAE_CONFIG, vae_config))
+    conditioner = conditioner or build_conditioner()
+    _check_pretrained(pretrained_components, (built_denoiser.attribute, 'vae', *conditioner.components()))
+    built_objective = build_component(objectives, objective, where='model.objective', default='ddpm')
+    return functools.partial(StableDiffusion, built_denoiser, vae, conditioner, built_objective)
 
 
-@forwards_kwargs(StableDiffusion, exclude=_BUILT_HERE)
+@forwards_kwargs(DDPMObjective, exclude=('noise_scheduler',))
+def _objective_section(objective: Optional[Mapping[str, Any]], **ddpm_kwargs: Any) -> dict[str, Any]:
+    """The objective section: ``objective`` when given, else the DDPM objective of the flat keys."""
+    if objective is None:
+        return {'name': 'ddpm', **ddpm_kwargs}
+    if ddpm_kwargs:
+        raise ValueError(
+            f'model.objective replaces the DDPM keys {sorted(ddpm_kwargs)}; move them into model.objective '
+            '(e.g. model.objective: {name: ddpm, prediction_type: v_prediction}).'
+        )
+    return dict(objective)
+
+
+@forwards_kwargs(_objective_section, exclude=('objective',))
 def build_stable_diffusion(
     unet_config: dict,
     vae_config: dict,
@@ -207,15 +274,14 @@ def build_stable_diffusion(
     pretrained_model_name_or_path: Optional[str] = None,
     pretrained_components: Sequence[str] = ('vae', 'text_encoder', 'tokenizer'),
     tokenizer_pad_token: str = '!',
-    prediction_type: str = 'epsilon',
-    zero_terminal_snr: bool = False,
-    num_train_timesteps: int = 1000,
-    beta_schedule: str = 'scaled_linear',
-    beta_start: float = 0.00085,
-    beta_end: float = 0.012,
-    **model_kwargs: Any,
+    caption_drop_prob: float = 0.0,
+    train_text_encoder: bool = False,
+    train_vae: bool = False,
+    val_seed: int = 1138,
+    objective: Optional[Mapping[str, Any]] = None,
+    **objective_kwargs: Any,
 ) -> StableDiffusion:
-    """Assemble a :class:`StableDiffusion` from component configs, loading the ``pretrained_components``.
+    """A UNet + CLIP model of the SD2 family from component configs, loading the ``pretrained_components``.
 
     Args:
         unet_config (dict): ``UNet2DConditionModel`` config used when the UNet is not loaded.
@@ -226,42 +292,38 @@ def build_stable_diffusion(
         pretrained_components (Sequence[str]): Which components to load from it. Default: VAE, text encoder
             and tokenizer (the CommonCanvas recipe trains the UNet from scratch).
         tokenizer_pad_token (str): Pad token of the offline tokenizer. Default: ``'!'`` (SD2).
-        prediction_type, zero_terminal_snr, num_train_timesteps, beta_schedule, beta_start, beta_end: Training
-            noise schedule, see :func:`diffusion.models.noise.build_noise_scheduler`.
-        **model_kwargs: Passed to :class:`StableDiffusion` (``caption_drop_prob``, ``min_snr_gamma``, ...).
+        caption_drop_prob (float): Fraction of training captions replaced by the empty caption. Default: ``0.0``.
+        train_text_encoder (bool): Train the text encoder too. Default: ``False``.
+        train_vae, val_seed: See :class:`StableDiffusion`.
+        objective (Mapping, optional): ``{name: ..., ...}`` of another objective; replaces the DDPM keys.
+        **objective_kwargs: The DDPM objective's keys (``prediction_type``, ``zero_terminal_snr``,
+            ``min_snr_gamma``, ``offset_noise``, ``inference_scheduler``, ...; see
+            :class:`~diffusion.models.objectives.DDPMObjective`).
     """
-    check_kwargs(StableDiffusion, model_kwargs, where='model', provided=_BUILT_HERE)
-    load = _components_to_load(pretrained_model_name_or_path, pretrained_components, COMPONENTS)
-    root = pretrained_model_name_or_path
-    unet = _unet(root, load, unet_config)
-    vae = _vae(root, load, vae_config)
-    text_encoder = (
-        build_text_encoder(pretrained=root, subfolder='text_encoder', use_safetensors=True)
-        if 'text_encoder' in load
-        else build_text_encoder(text_encoder_config)
+    check_kwargs(build_stable_diffusion, objective_kwargs, where='model')
+    _check_pretrained(pretrained_components if pretrained_model_name_or_path else (), COMPONENTS)
+    return latent_diffusion(
+        denoiser={'name': 'unet', 'config': unet_config},
+        text_conditioner={
+            'name': 'clip',
+            'text_encoder_config': text_encoder_config,
+            'tokenizer_pad_token': tokenizer_pad_token,
+            'caption_drop_prob': caption_drop_prob,
+            'train_text_encoder': train_text_encoder,
+        },
+        vae_config=vae_config,
+        objective=_objective_section(objective, **objective_kwargs),
+        pretrained_model_name_or_path=pretrained_model_name_or_path,
+        pretrained_components=pretrained_components,
+        train_vae=train_vae,
+        val_seed=val_seed,
     )
-    tokenizer = (
-        build_clip_tokenizer(root, subfolder='tokenizer')
-        if 'tokenizer' in load
-        else build_clip_tokenizer(pad_token=tokenizer_pad_token)
-    )
-    if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
-        raise ValueError(
-            f'Text encoder width {text_encoder.config.hidden_size} != UNet cross_attention_dim '
-            f'{unet.config.cross_attention_dim}; set unet_config.cross_attention_dim to match.'
-        )
-    noise_scheduler = build_noise_scheduler(
-        prediction_type=prediction_type,
-        num_train_timesteps=num_train_timesteps,
-        beta_schedule=beta_schedule,
-        beta_start=beta_start,
-        beta_end=beta_end,
-        zero_terminal_snr=zero_terminal_snr,
-    )
-    return StableDiffusion(unet, vae, text_encoder, tokenizer, noise_scheduler, **model_kwargs)
 
 
-@forwards_kwargs(build_stable_diffusion, exclude=('unet_config', 'vae_config', 'text_encoder_config'))
+_CONFIGS = ('unet_config', 'vae_config', 'text_encoder_config')
+
+
+@forwards_kwargs(build_stable_diffusion, exclude=_CONFIGS)
 def stable_diffusion_2(
     unet_config: Optional[dict] = None,
     vae_config: Optional[dict] = None,
@@ -282,14 +344,14 @@ def stable_diffusion_2(
     )
 
 
-@forwards_kwargs(build_stable_diffusion, exclude=('unet_config', 'vae_config', 'text_encoder_config'))
+@forwards_kwargs(build_stable_diffusion, exclude=_CONFIGS)
 def tiny_stable_diffusion(
     unet_config: Optional[dict] = None,
     vae_config: Optional[dict] = None,
     text_encoder_config: Optional[dict] = None,
     **kwargs: Any,
 ) -> StableDiffusion:
-    """A CPU-sized model of the same classes (UNet 64/128 channels, 3-block VAE, 2-layer CLIP text encoder).
+    """A CPU-sized model of the same components (UNet 64/128 channels, 3-block VAE, 2-layer CLIP text encoder).
 
     The tokenizer is the real CLIP tokenizer. See :func:`build_stable_diffusion` for the other arguments.
     """
@@ -301,7 +363,7 @@ def tiny_stable_diffusion(
     )
 
 
-@forwards_kwargs(StableDiffusionXL, exclude=_XL_BUILT_HERE)
+@forwards_kwargs(_objective_section, exclude=('objective',))
 def build_stable_diffusion_xl(
     unet_config: dict,
     vae_config: dict,
@@ -310,15 +372,14 @@ def build_stable_diffusion_xl(
     *,
     pretrained_model_name_or_path: Optional[str] = None,
     pretrained_components: Sequence[str] = ('vae', 'text_encoder', 'text_encoder_2', 'tokenizer', 'tokenizer_2'),
-    prediction_type: str = 'epsilon',
-    zero_terminal_snr: bool = False,
-    num_train_timesteps: int = 1000,
-    beta_schedule: str = 'scaled_linear',
-    beta_start: float = 0.00085,
-    beta_end: float = 0.012,
-    **model_kwargs: Any,
-) -> StableDiffusionXL:
-    """Assemble a :class:`StableDiffusionXL` from component configs, loading the ``pretrained_components``.
+    caption_drop_prob: float = 0.0,
+    train_text_encoder: bool = False,
+    train_vae: bool = False,
+    val_seed: int = 1138,
+    objective: Optional[Mapping[str, Any]] = None,
+    **objective_kwargs: Any,
+) -> StableDiffusion:
+    """An SDXL model: a ``text_time`` UNet with the SDXL text conditioner (two CLIPs, pooled, micro-conditioning).
 
     Args:
         unet_config (dict): ``UNet2DConditionModel`` config (``addition_embed_type='text_time'``).
@@ -328,46 +389,26 @@ def build_stable_diffusion_xl(
         pretrained_model_name_or_path (str, optional): A diffusers SDXL pipeline folder or hub id with the subfolders
             ``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``, ``tokenizer``, ``tokenizer_2``.
         pretrained_components (Sequence[str]): Which components to load from it. Default: all but the UNet.
-        prediction_type, zero_terminal_snr, num_train_timesteps, beta_schedule, beta_start, beta_end: Training
-            noise schedule, see :func:`diffusion.models.noise.build_noise_scheduler`.
-        **model_kwargs: Passed to :class:`StableDiffusionXL` (``caption_drop_prob``, ``min_snr_gamma``, ...).
+        caption_drop_prob, train_text_encoder, train_vae, val_seed, objective, **objective_kwargs: As for
+            :func:`build_stable_diffusion`; ``train_text_encoder`` covers both encoders.
     """
-    check_kwargs(StableDiffusionXL, model_kwargs, where='model', provided=_XL_BUILT_HERE)
-    load = _components_to_load(pretrained_model_name_or_path, pretrained_components, XL_COMPONENTS)
-    root = pretrained_model_name_or_path
-    text_encoders = {}
-    for name, config, projection in (
-        ('text_encoder', text_encoder_config, False),
-        ('text_encoder_2', text_encoder_2_config, True),
-    ):
-        text_encoders[name] = (
-            build_text_encoder(pretrained=root, subfolder=name, use_safetensors=True, with_projection=projection)
-            if name in load
-            else build_text_encoder(config, with_projection=projection)
-        )
-    # SDXL's CLIP-L tokenizer pads with the end token, the bigG one with '!'.
-    tokenizers = {
-        name: build_clip_tokenizer(root, subfolder=name) if name in load else build_clip_tokenizer(pad_token=pad)
-        for name, pad in (('tokenizer', EOS_TOKEN), ('tokenizer_2', '!'))
-    }
-    noise_scheduler = build_noise_scheduler(
-        prediction_type=prediction_type,
-        num_train_timesteps=num_train_timesteps,
-        beta_schedule=beta_schedule,
-        beta_start=beta_start,
-        beta_end=beta_end,
-        zero_terminal_snr=zero_terminal_snr,
-    )
-    return StableDiffusionXL(
-        _unet(root, load, unet_config),
-        _vae(root, load, vae_config),
-        text_encoders['text_encoder'],
-        text_encoders['text_encoder_2'],
-        tokenizers['tokenizer'],
-        tokenizers['tokenizer_2'],
-        noise_scheduler,
-        **model_kwargs,
-    )
+    check_kwargs(build_stable_diffusion_xl, objective_kwargs, where='model')
+    _check_pretrained(pretrained_components if pretrained_model_name_or_path else (), XL_COMPONENTS)
+    return _compose(
+        {'name': 'unet', 'config': unet_config},
+        {
+            'name': 'sdxl_clip',
+            'text_encoder_config': text_encoder_config,
+            'text_encoder_2_config': text_encoder_2_config,
+            'caption_drop_prob': caption_drop_prob,
+            'train_text_encoder': train_text_encoder,
+        },
+        vae_config,
+        _objective_section(objective, **objective_kwargs),
+        pretrained_model_name_or_path,
+        pretrained_components,
+        conditioner_first=True,
+    )(train_vae=train_vae, val_seed=val_seed)
 
 
 _XL_CONFIGS = ('unet_config', 'vae_config', 'text_encoder_config', 'text_encoder_2_config')
@@ -380,7 +421,7 @@ def stable_diffusion_xl(
     text_encoder_config: Optional[dict] = None,
     text_encoder_2_config: Optional[dict] = None,
     **kwargs: Any,
-) -> StableDiffusionXL:
+) -> StableDiffusion:
     """The SDXL-base architecture (CommonCanvas-XL); the ``*_config`` dicts override single fields.
 
     With ``pretrained_model_name_or_path='stabilityai/stable-diffusion-xl-base-1.0'`` (or a local copy) the VAE,
@@ -403,8 +444,8 @@ def tiny_stable_diffusion_xl(
     text_encoder_config: Optional[dict] = None,
     text_encoder_2_config: Optional[dict] = None,
     **kwargs: Any,
-) -> StableDiffusionXL:
-    """A CPU-sized model of the SDXL classes (two 2-layer text towers, a two-level text_time UNet, tiny VAE).
+) -> StableDiffusion:
+    """A CPU-sized SDXL (two 2-layer text towers, a two-level text_time UNet, tiny VAE).
 
     See :func:`build_stable_diffusion_xl` for the other arguments.
     """
@@ -415,3 +456,32 @@ def tiny_stable_diffusion_xl(
         merge_config(TINY_SDXL_TEXT_ENCODER_2_CONFIG, text_encoder_2_config),
         **kwargs,
     )
+
+
+# Denoiser and text-conditioner classes that a diffusers pipeline folder can be read into (see from_pipeline).
+PIPELINE_DENOISERS = (UNetDenoiser,)
+PIPELINE_CONDITIONERS = (CLIPTextConditioner, SDXLTextConditioner)
+
+
+def pipeline_names() -> list[str]:
+    """Names of the diffusers pipeline classes :func:`from_pipeline` reads."""
+    return [cls.pipeline_class.__name__ for cls in PIPELINE_CONDITIONERS]
+
+
+def from_pipeline(pipe: Any, inference_scheduler: str = 'ddim') -> StableDiffusion:
+    """A :class:`StableDiffusion` sharing the modules of a loaded diffusers pipeline (an export of this project).
+
+    Args:
+        pipe (DiffusionPipeline): A ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
+        inference_scheduler (str): The model's default sampler name (the pipeline's own scheduler's). Default:
+            ``'ddim'``.
+    """
+    conditioner_class = next((c for c in PIPELINE_CONDITIONERS if type(pipe) is c.pipeline_class), None)
+    if conditioner_class is None:
+        raise ValueError(f'Unsupported pipeline {type(pipe).__name__}; supported: {", ".join(pipeline_names())}.')
+    components = {k: v for k, v in pipe.components.items() if v is not None}
+    denoiser_class = next(d for d in PIPELINE_DENOISERS if d.attribute in components)
+    accepted = inspect.signature(conditioner_class).parameters
+    conditioner = conditioner_class(**{k: v for k, v in components.items() if k in accepted})
+    objective = DDPMObjective(DDPMScheduler.from_config(pipe.scheduler.config), inference_scheduler=inference_scheduler)
+    return StableDiffusion(denoiser_class(components[denoiser_class.attribute]), pipe.vae, conditioner, objective)

@@ -1,16 +1,25 @@
-"""The Stable Diffusion 2 family as a Composer model: a latent diffusion UNet trained on frozen VAE and text encoders.
+"""The latent diffusion model as a Composer model, composed of a denoiser, an autoencoder, a text conditioner and an
+objective.
 
 Builds on Composer's ``ComposerModel`` contract (``forward``, ``loss``, ``eval_forward``, ``get_metrics``), on
-diffusers for the networks (``UNet2DConditionModel``, ``AutoencoderKL``), the noise schedules and sampling
-(``StableDiffusionPipeline`` runs classifier-free guidance for ``generate``), and on transformers for the CLIP
-text encoder. Parallelism, precision and checkpointing are applied from outside by the Composer Trainer.
+diffusers for the networks (``UNet2DConditionModel``, ``AutoencoderKL``) and for sampling (the family's diffusers
+pipeline runs classifier-free guidance for ``generate``), and on transformers for the text encoders. Parallelism,
+precision and checkpointing are applied from outside by the Composer Trainer.
 
-Batch keys (see shared/ARCHITECTURE.md): ``image`` (B, 3, H, W) in [-1, 1] and ``input_ids`` (B, 77) or
-``captions`` (list of B strings). Batches of precomputed latents skip the VAE and the text encoder: they hold
-``image_latents_mean`` and ``image_latents_std`` (B, 4, H/8, W/8, the VAE posterior's moments, sampled here with the
-same draw the VAE path makes) or ``image_latents`` (a sample), and ``text_embeds`` (B, 77, D). Latents in a batch
-are never scaled: the VAE scaling factor is applied in :meth:`StableDiffusion.scale_latents` and nowhere else
-(scaling in a precompute script and again in the model is a known way to train on wrong latents).
+One class serves every family. What varies is a component, each in its own module with a registry of its own:
+
+- the *denoiser* (:mod:`diffusion.models.denoisers`): the network, its FSDP units, FLOPs and native size;
+- the *text conditioner* (:mod:`diffusion.models.conditioners`): captions -> tokens -> conditioning; SD2's CLIP,
+  SDXL's two CLIPs with pooled embeddings and micro-conditioning;
+- the *objective* (:mod:`diffusion.models.objectives`): noising, target, timesteps, loss weights, validation
+  timesteps and the inference scheduler (the DDPM family);
+- *adapters* (:mod:`diffusion.models.adapters`), applied to the built model before the optimizer sees it.
+
+The networks are held under the names a diffusers pipeline gives them (``unet``, ``vae``, ``text_encoder``,
+``text_encoder_2``), so checkpoints keep the same state-dict keys whatever the family. Batch keys are those of
+:mod:`diffusion.data.batch`. Latents in a batch are never scaled: the autoencoder's scaling factor is applied in
+:meth:`StableDiffusion.scale_latents` and nowhere else (scaling in a precompute script and again in the model is a
+known way to train on wrong latents).
 """
 
 from __future__ import annotations
@@ -20,83 +29,54 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from composer.models import ComposerModel
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from torchmetrics import MeanSquaredError, Metric
-from transformers import CLIPTextModel, CLIPTokenizer
 
-from diffusion.models.flops import unet_forward_flops
-from diffusion.models.noise import build_inference_scheduler, min_snr_weights, signal_to_noise_ratio, training_target
+from diffusion.data.batch import IMAGE_LATENT_KEYS
+from diffusion.models.conditioners import TextConditioner
+from diffusion.models.denoisers import Denoiser
+from diffusion.models.objectives import NoisedBatch, Objective
 
 __all__ = ['StableDiffusion']
 
 
 class StableDiffusion(ComposerModel):
-    """Latent diffusion model of the SD2 family.
+    """A latent diffusion model: denoiser + autoencoder + text conditioner + objective.
 
     Args:
-        unet (UNet2DConditionModel): The denoiser; the only part trained by default.
+        denoiser (Denoiser): The network to train, bound in a :class:`~diffusion.models.denoisers.Denoiser`.
         vae (AutoencoderKL): Image autoencoder; latents are scaled by ``vae.config.scaling_factor`` in
             :meth:`scale_latents`, and nowhere else.
-        text_encoder (CLIPTextModel): Caption encoder; its last hidden state conditions the UNet.
-        tokenizer (CLIPTokenizer): Tokenizer of the text encoder.
-        noise_scheduler (DDPMScheduler): Training noise schedule; its ``prediction_type`` sets the target.
-        inference_scheduler (str): Default sampler for ``generate``: ``'ddim'``, ``'euler'``, ``'dpm++'``, ...
-            Default: ``'ddim'``.
-        caption_drop_prob (float): Fraction of training captions replaced by the empty caption, which
-            teaches the unconditional prediction used by classifier-free guidance. Default: ``0.0``.
-        offset_noise (float): Scale of per-channel constant noise added to the training noise, which lets
-            the model change an image's mean brightness. Default: ``0.0``.
-        min_snr_gamma (float, optional): Gamma of min-SNR loss weighting; ``None`` for uniform weights.
-        train_text_encoder (bool): Train the text encoder too. Default: ``False``.
+        conditioner (TextConditioner): Text encoders, tokenizers and caption dropout.
+        objective (Objective): The training objective and its inference scheduler.
         train_vae (bool): Train the VAE decoder and encoder too. Default: ``False``.
-        val_timesteps (int): Number of evenly spaced timesteps at which validation loss is measured, with a
-            fixed noise seed, so that validation losses are comparable across evaluations. Default: ``10``.
         val_seed (int): Seed of the validation noise. Default: ``1138``.
     """
 
     def __init__(
         self,
-        unet: UNet2DConditionModel,
+        denoiser: Denoiser,
         vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        noise_scheduler: DDPMScheduler,
+        conditioner: TextConditioner,
+        objective: Objective,
         *,
-        inference_scheduler: str = 'ddim',
-        caption_drop_prob: float = 0.0,
-        offset_noise: float = 0.0,
-        min_snr_gamma: Optional[float] = None,
-        train_text_encoder: bool = False,
         train_vae: bool = False,
-        val_timesteps: int = 10,
         val_seed: int = 1138,
     ):
         super().__init__()
-        if not 0.0 <= caption_drop_prob <= 1.0:
-            raise ValueError(f'caption_drop_prob must be in [0, 1], got {caption_drop_prob}.')
-        if min_snr_gamma is not None and min_snr_gamma <= 0:
-            raise ValueError(f'min_snr_gamma must be positive or None, got {min_snr_gamma}.')
-        build_inference_scheduler(inference_scheduler, noise_scheduler)  # validates the name early
-        self.unet = unet
+        denoiser.check_conditioning(conditioner.conditioning_shapes())
+        self._denoiser_class = type(denoiser)
+        setattr(self, denoiser.attribute, denoiser.network)
         self.vae = vae
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
-        self.noise_scheduler = noise_scheduler
-        self.inference_scheduler = inference_scheduler
-        self.caption_drop_prob = caption_drop_prob
-        self.offset_noise = offset_noise
-        self.min_snr_gamma = min_snr_gamma
-        self.train_text_encoder = train_text_encoder
+        conditioner.attach(self)
+        self.conditioner = conditioner
+        self.objective = objective
+        self.adapters: list[Any] = []  # applied by diffusion.models.adapters.apply_adapters
         self.train_vae = train_vae
         self.val_seed = val_seed
-        num_steps = noise_scheduler.config.num_train_timesteps
-        self.register_buffer(
-            'val_timesteps', torch.linspace(0, num_steps - 1, val_timesteps).round().long(), persistent=False
-        )
         self.vae.requires_grad_(train_vae)
-        self.text_encoder.requires_grad_(train_text_encoder)
-        self._empty_text_embeds: Optional[torch.Tensor] = None  # computed once, for caption dropout on text_embeds
         self.train()
 
     # -- nn.Module ----------------------------------------------------------------------------------------------
@@ -104,33 +84,34 @@ class StableDiffusion(ComposerModel):
         """Keep frozen encoders in eval mode so that dropout or norm statistics never change them."""
         super().train(mode)
         self.vae.train(mode and self.train_vae)
-        self.text_encoder.train(mode and self.train_text_encoder)
+        for encoder in self.conditioner.encoders():
+            encoder.train(mode and self.conditioner.train_text_encoder)
         return self
 
     @property
-    def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
+    def denoiser(self) -> Denoiser:
+        """The denoiser bound to the network the model holds now (the FSDP wrapper, once Composer has set one)."""
+        return self._denoiser_class(getattr(self, self._denoiser_class.attribute))
+
+    def frozen_encoders(self) -> list[torch.nn.Module]:
+        """The autoencoder and text encoders: the parts precompute runs, and that train only when asked."""
+        return [self.vae, *self.conditioner.encoders()]
 
     @property
     def latent_scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
 
-    # -- encoders ------------------------------------------------------------------------------------------------
-    def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
-        """Token ids (B, 77) padded to the tokenizer's maximum length, as SD2 pads them."""
-        return self.tokenizer(
-            list(captions),
-            padding='max_length',
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors='pt',
-        ).input_ids
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent along each side (8 for the SD VAE)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Text embeddings (B, 77, D): the text encoder's last hidden state (no attention mask, as in SD2)."""
-        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
-            return self.text_encoder(input_ids.to(self.text_encoder.device))[0]
+    @property
+    def default_image_size(self) -> int:
+        """The pipeline's default side in pixels: the denoiser's sample size times the autoencoder factor."""
+        return self.denoiser.sample_size * self.vae_scale_factor
 
+    # -- latents -------------------------------------------------------------------------------------------------
     def vae_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation (B, C, H/f, W/f) of the VAE posterior, unscaled, in fp32.
 
@@ -159,52 +140,9 @@ class StableDiffusion(ComposerModel):
         """Scaled latents (B, C, H/f, W/f): a sample of the VAE posterior times the scaling factor."""
         return self.scale_latents(self.sample_latents(*self.vae_moments(images), generator=generator))
 
-    def _drop_mask(self, batch_size: int, device: torch.device) -> torch.Tensor:
-        """Which rows lose their caption; the same draw for token ids and for precomputed embeddings."""
-        return torch.rand(batch_size, device=device) < self.caption_drop_prob
-
-    def _drop_captions(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Replace a ``caption_drop_prob`` fraction of rows by the empty caption's ids."""
-        if self.caption_drop_prob == 0.0:
-            return input_ids
-        drop = self._drop_mask(input_ids.shape[0], input_ids.device)
-        empty = self.tokenize(['']).to(input_ids.device).expand_as(input_ids)
-        return torch.where(drop[:, None], empty, input_ids)
-
-    def _drop_text_embeds(self, text_embeds: torch.Tensor) -> torch.Tensor:
-        """Replace a ``caption_drop_prob`` fraction of rows by the empty caption's embedding (encoded once)."""
-        if self.caption_drop_prob == 0.0:
-            return text_embeds
-        drop = self._drop_mask(text_embeds.shape[0], text_embeds.device)
-        if self._empty_text_embeds is None:
-            with torch.no_grad():
-                self._empty_text_embeds = self.encode_text(self.tokenize(['']))
-        empty = self._empty_text_embeds.to(text_embeds.device, text_embeds.dtype).expand_as(text_embeds)
-        return torch.where(drop[:, None, None], empty, text_embeds)
-
-    def _conditioning(self, batch: dict[str, Any], drop_captions: bool) -> torch.Tensor:
-        if 'text_embeds' in batch:
-            if self.train_text_encoder:
-                raise ValueError('Precomputed text_embeds cannot train the text encoder; set train_text_encoder=false.')
-            text_embeds = batch['text_embeds']
-            return self._drop_text_embeds(text_embeds) if drop_captions else text_embeds
-        input_ids = batch['input_ids'] if 'input_ids' in batch else self.tokenize(batch['captions'])
-        input_ids = input_ids.to(self.unet.device)
-        if drop_captions:
-            input_ids = self._drop_captions(input_ids)
-        return self.encode_text(input_ids)
-
-    def _unet_conditioning(self, batch: dict[str, Any], drop_captions: bool, latents: torch.Tensor) -> dict[str, Any]:
-        """Keyword arguments of the UNet besides latents and timesteps: the text context for the SD2 family."""
-        return {'encoder_hidden_states': self._conditioning(batch, drop_captions)}
-
-    def text_embeddings(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The columns that precomputing stores for ``captions``: ``text_embeds`` (B, 77, D) for the SD2 family."""
-        return {'text_embeds': self.encode_text(self.tokenize(captions))}
-
     def _latents(self, batch: dict[str, Any], generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Scaled latents from whichever the batch holds: a latent sample, the posterior's moments, or images."""
-        if ('image_latents' in batch or 'image_latents_mean' in batch) and self.train_vae:
+        if any(key in batch for key in IMAGE_LATENT_KEYS) and self.train_vae:
             raise ValueError('Precomputed image latents cannot train the VAE; set train_vae=false.')
         if 'image_latents' in batch:
             return self.scale_latents(batch['image_latents'])
@@ -215,77 +153,64 @@ class StableDiffusion(ComposerModel):
             raise KeyError(f'Batch needs "image", "image_latents" or "image_latents_mean"; it has {sorted(batch)}.')
         return self.encode_images(batch['image'], generator=generator)
 
+    def conditioning(self, batch: dict[str, Any], drop_captions: bool, latents: torch.Tensor) -> dict[str, Any]:
+        """The text conditioner's output for ``batch``, on the latents' device."""
+        image_size = (latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor)
+        conditioning = self.conditioner.conditioning(batch, drop_captions, image_size)
+        return {key: value.to(latents.device) for key, value in conditioning.items()}
+
     # -- ComposerModel -------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Noise the latents at random timesteps and predict; returns (prediction, target, timesteps)."""
         latents = self._latents(batch)
-        conditioning = self._unet_conditioning(batch, self.training, latents)
-        timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
-        )
-        return self._predict(latents, conditioning, timesteps, noise=torch.randn_like(latents))
+        conditioning = self.conditioning(batch, self.training, latents)
+        timesteps = self.objective.sample_timesteps(latents.shape[0], latents.device)
+        noised = self.objective.noise(latents, timesteps)
+        return self._predict(noised, conditioning)
 
-    def _predict(
-        self,
-        latents: torch.Tensor,
-        conditioning: Union[torch.Tensor, dict[str, Any]],
-        timesteps: torch.Tensor,
-        noise: torch.Tensor,
-        offset: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.offset_noise > 0:
-            if offset is None:
-                offset = torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
-            noise = noise + self.offset_noise * offset.to(noise.dtype)
-        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = training_target(self.noise_scheduler, latents, noise, timesteps)
-        if isinstance(conditioning, torch.Tensor):
-            conditioning = {'encoder_hidden_states': conditioning}
-        prediction = self.unet(noisy_latents, timesteps, **conditioning).sample
-        return prediction, target, timesteps
+    def _predict(self, noised: NoisedBatch, conditioning: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        prediction = self.denoiser(noised.noisy_latents, noised.timesteps, conditioning)
+        return prediction, noised.target, noised.timesteps
 
     def loss(self, outputs: tuple[torch.Tensor, ...], batch: dict[str, Any]) -> torch.Tensor:
-        """Mean squared error to the target, per sample weighted by min-SNR-gamma when configured."""
+        """Mean squared error to the target, per sample weighted by the objective (min-SNR-gamma, ...)."""
         prediction, target, timesteps = outputs
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction='none').mean(dim=(1, 2, 3))
-        if self.min_snr_gamma is not None:
-            snr = signal_to_noise_ratio(self.noise_scheduler, timesteps)
-            per_sample = per_sample * min_snr_weights(snr, self.min_snr_gamma, self.prediction_type)
+        weights = self.objective.loss_weights(timesteps)
+        if weights is not None:
+            per_sample = per_sample * weights
         return per_sample.mean()
 
     def eval_forward(self, batch: dict[str, Any], outputs: Optional[Any] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predictions and targets at the fixed validation timesteps with seeded noise, stacked over timesteps."""
+        """Predictions and targets at the objective's fixed validation timesteps with seeded noise, stacked."""
         if outputs is not None:
             return outputs[0], outputs[1]
-        device = self.unet.device
+        device = self.denoiser.device
         generator = torch.Generator(device=device).manual_seed(self.val_seed)
         latents = self._latents(batch, generator=generator)
-        conditioning = self._unet_conditioning(batch, False, latents)
+        conditioning = self.conditioning(batch, False, latents)
         predictions, targets = [], []
-        for t in self.val_timesteps.tolist():
-            noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-            offset = torch.randn(latents.shape[:2] + (1, 1), generator=generator, device=device)
-            timesteps = torch.full((latents.shape[0],), t, device=device, dtype=torch.long)
-            prediction, target, _ = self._predict(latents, conditioning, timesteps, noise, offset)
+        for t in self.objective.validation_timesteps(device):
+            timesteps = t.expand(latents.shape[0]).clone()
+            noised = self.objective.noise(latents, timesteps, generator=generator)
+            prediction, target, _ = self._predict(noised, conditioning)
             predictions.append(prediction)
             targets.append(target)
         return torch.cat(predictions), torch.cat(targets)
 
     def flops_per_batch(self, batch: dict[str, Any]) -> int:
-        """UNet training FLOPs for ``batch`` (forward + backward, about 3x the forward), for SpeedMonitor's MFU.
+        """Denoiser training FLOPs for ``batch`` (forward + backward, about 3x the forward), for SpeedMonitor's MFU.
 
-        The encoders are not counted: with precomputed latents they do not run, and MFU is quoted for the UNet.
+        The encoders are not counted: with precomputed latents they do not run, and MFU is quoted for the denoiser.
         """
-        if 'image_latents_mean' in batch or 'image_latents' in batch:
-            latents = batch.get('image_latents_mean', batch.get('image_latents'))
+        latents = next((batch[key] for key in IMAGE_LATENT_KEYS if key in batch), None)
+        if latents is not None:
             batch_size, latent_shape = latents.shape[0], tuple(latents.shape[1:])
         else:
-            images = batch['image']
-            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            images, factor = batch['image'], self.vae_scale_factor
             channels = self.vae.config.latent_channels
             batch_size, latent_shape = images.shape[0], (channels, images.shape[2] // factor, images.shape[3] // factor)
-        text_shape = (self.tokenizer.model_max_length, self.unet.config.cross_attention_dim)
-        return 3 * batch_size * unet_forward_flops(self.unet.config, latent_shape, text_shape)
+        return 3 * batch_size * self.denoiser.forward_flops(latent_shape, self.conditioner.conditioning_shapes())
 
     def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
         # Training loss is already logged by the trainer; validation loss at fixed timesteps is the metric.
@@ -295,24 +220,22 @@ class StableDiffusion(ComposerModel):
         metric.update(outputs[0].float(), outputs[1].float())
 
     # -- sampling ------------------------------------------------------------------------------------------------
-    def pipeline(self, scheduler: Optional[str] = None) -> StableDiffusionPipeline:
-        """A diffusers pipeline sharing this model's modules (no copies), for sampling and export."""
-        return StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=build_inference_scheduler(scheduler or self.inference_scheduler, self.noise_scheduler),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+    def pipeline(self, scheduler: Optional[str] = None) -> DiffusionPipeline:
+        """The family's diffusers pipeline sharing this model's modules (no copies), for sampling and export."""
+        components = {
+            self._denoiser_class.attribute: getattr(self, self._denoiser_class.attribute),
+            'vae': self.vae,
+            **self.conditioner.components(),
+        }
+        return self.conditioner.pipeline_class(
+            **components, scheduler=self.objective.inference_scheduler(scheduler), **self.conditioner.pipeline_kwargs()
         )
 
     def _generators(
         self, seed: Optional[Union[int, Sequence[int]]], num_images: int
     ) -> Optional[Union[torch.Generator, list[torch.Generator]]]:
         """One generator for the batch (an int seed), one per image (a list of seeds), or none."""
-        device = self.unet.device
+        device = self.denoiser.device
         if seed is None:
             return None
         if isinstance(seed, int):
@@ -321,12 +244,6 @@ class StableDiffusion(ComposerModel):
         if len(seeds) != num_images:
             raise ValueError(f'Got {len(seeds)} seeds for {num_images} images; give one seed per image or one int.')
         return [torch.Generator(device=device).manual_seed(s) for s in seeds]
-
-    def _pipeline_call_kwargs(self, **kwargs: Any) -> dict[str, Any]:
-        """Extra pipeline arguments of a subclass (SDXL's size and crop conditioning); the SD2 family has none."""
-        if kwargs:
-            raise TypeError(f'{type(self).__name__}.generate got unexpected arguments {sorted(kwargs)}.')
-        return {}
 
     @torch.no_grad()
     def generate(
@@ -357,7 +274,7 @@ class StableDiffusion(ComposerModel):
             height (int, optional): Image height in pixels; default: the UNet's sample size times the VAE factor.
             width (int, optional): Image width in pixels; default as ``height``.
             scheduler (str, optional): Sampler name (``'ddim'``, ``'euler'``, ``'dpm++'``, ...); default: the
-                model's ``inference_scheduler``.
+                objective's default (``inference_scheduler`` of the model config).
             num_images_per_prompt (int): Images per prompt. Default: ``1``.
             progress_bar (bool): Show the sampler's progress bar. Default: ``False``.
             **conditioning: Model-specific sampling conditioning (SDXL: ``original_size``,
@@ -371,7 +288,7 @@ class StableDiffusion(ComposerModel):
             negative_prompts = [negative_prompts] * len(prompts)
         elif negative_prompts is not None and len(negative_prompts) != len(prompts):
             raise ValueError(f'Got {len(negative_prompts)} negative prompts for {len(prompts)} prompts.')
-        extra = self._pipeline_call_kwargs(**conditioning)
+        extra = self.conditioner.pipeline_call_kwargs(**conditioning)
         generator = self._generators(seed, len(prompts) * num_images_per_prompt)
         was_training = self.training
         self.eval()
@@ -393,3 +310,16 @@ class StableDiffusion(ComposerModel):
         finally:
             self.train(was_training)
         return images.float()
+
+
+def get_denoiser(model: torch.nn.Module, caller: str) -> Denoiser:
+    """The denoiser of ``model`` (a :class:`StableDiffusion`, also inside a DDP wrapper).
+
+    Args:
+        model (torch.nn.Module): The model an algorithm or callback was given.
+        caller (str): Name of the caller, for the error message.
+    """
+    model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    if not isinstance(model, StableDiffusion):
+        raise ValueError(f'{caller} needs a diffusion model with a denoiser; got {type(model).__name__}.')
+    return model.denoiser

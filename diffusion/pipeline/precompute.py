@@ -24,8 +24,9 @@ import torch
 
 from diffusion.builders import build_model
 from diffusion.config import load_config
+from diffusion.data.batch import MICRO_CONDITIONING_KEYS
 from diffusion.data.image_caption import decode_image, image_transform, micro_conditioning, resize_and_crop
-from diffusion.data.latents import MICRO_CONDITIONING_COLUMNS, STORAGE_DTYPES, to_stored
+from diffusion.data.latents import STORAGE_DTYPES, to_stored
 from diffusion.pipeline.runner import StageRunner, rank_info
 from diffusion.pipeline.shards import SIDE_COLUMNS, InputDataset, require_input
 
@@ -73,7 +74,7 @@ def encode_batch(
     """Latent columns for a batch: posterior moments or a sample (unscaled), and the text embeddings."""
     with torch.no_grad():
         mean, std = model.vae_moments(images)
-        out = dict(model.text_embeddings(captions))  # SDXL adds pooled_text_embeds
+        out = dict(model.conditioner.text_embeddings(captions))  # SDXL adds pooled_text_embeds
         if options.store == 'moments':
             out.update(image_latents_mean=mean, image_latents_std=std)
         else:
@@ -83,15 +84,14 @@ def encode_batch(
 
 def _latent_columns(options: PrecomputeOptions, carried: dict[str, str], model: Any) -> dict[str, str]:
     tensors = ('image_latents_mean', 'image_latents_std') if options.store == 'moments' else ('image_latents',)
-    with torch.no_grad():
-        text = tuple(model.text_embeddings(['']))  # text_embeds, and pooled_text_embeds for SDXL
-    conditioning = MICRO_CONDITIONING_COLUMNS if _micro_conditioned(model) else ()
+    text = model.conditioner.embedding_columns  # text_embeds, and pooled_text_embeds for SDXL
+    conditioning = _micro_conditioning_columns(model)
     return {**carried, **dict.fromkeys((*tensors, *text, *conditioning), 'ndarray'), 'latents_dtype': 'str'}
 
 
-def _micro_conditioned(model: Any) -> bool:
-    """Whether the model's UNet takes SDXL's size and crop conditioning."""
-    return getattr(model.unet.config, 'addition_embed_type', None) == 'text_time'
+def _micro_conditioning_columns(model: Any) -> tuple[str, ...]:
+    """SDXL's size and crop columns when the model's text conditioner reads them, else none."""
+    return tuple(c for c in model.conditioner.extra_columns if c in MICRO_CONDITIONING_KEYS)
 
 
 def _build_model(config: str, overrides: Sequence[str], encode_dtype: str) -> Any:
@@ -102,9 +102,8 @@ def _build_model(config: str, overrides: Sequence[str], encode_dtype: str) -> An
     reproducibility.seed_all(cfg.seed)
     model = build_model(cfg.model).eval()
     device = torch.device(f'cuda:{rank_info().local_rank}' if torch.cuda.is_available() else 'cpu')
-    for name in ('vae', 'text_encoder', 'text_encoder_2'):
-        if hasattr(model, name):
-            getattr(model, name).to(device, STORAGE_DTYPES[encode_dtype])
+    for encoder in model.frozen_encoders():
+        encoder.to(device, STORAGE_DTYPES[encode_dtype])
     return model
 
 
@@ -142,7 +141,7 @@ def precompute_latents(
     runner.columns = _latent_columns(options, carried, model)
     runner.side_columns = tuple(c for c in SIDE_COLUMNS if c in carried)
     transform = image_transform(options.resolution, crop='center')
-    conditioned = _micro_conditioned(model)
+    conditioned = bool(_micro_conditioning_columns(model))
     size = (options.resolution, options.resolution)
 
     def process(unit: int) -> Iterator[dict[str, Any]]:

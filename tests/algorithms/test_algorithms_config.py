@@ -4,7 +4,7 @@ import torch
 import torch._dynamo
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
-from diffusion.algorithms import AttentionBackend, CompileUNet, GradientCheckpointing
+from diffusion.algorithms import AttentionBackend, CompileDenoiser, GradientCheckpointing
 from diffusion.builders import build_trainer
 from tests.conftest import tiny_config
 
@@ -17,14 +17,14 @@ def test_yaml_algorithms_are_applied_at_init_and_train_two_batches(synthetic_dat
         'save_folder=null',
         '+algorithms.attention_backend.backend=math',
         '+algorithms.gradient_checkpointing={}',
-        # Dynamo's graph capture without code generation: the plumbing, in seconds (see test_compile_unet.py).
+        # Dynamo's graph capture without code generation: the plumbing, in seconds (see test_compile_denoiser.py).
         '+algorithms.compile_unet={backend:eager}',
     )
     trainer = build_trainer(cfg)
     by_type = {type(algorithm): algorithm for algorithm in trainer.state.algorithms}
-    assert set(by_type) == {AttentionBackend, GradientCheckpointing, CompileUNet}
+    assert set(by_type) == {AttentionBackend, GradientCheckpointing, CompileDenoiser}
     assert by_type[AttentionBackend].backend == 'math'
-    assert by_type[CompileUNet].backend == 'eager'
+    assert by_type[CompileDenoiser].backend == 'eager'
 
     model = trainer.state.model
     processors = [type(module.processor) for module in model.modules() if isinstance(module, Attention)]

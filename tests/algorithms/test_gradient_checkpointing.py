@@ -64,7 +64,7 @@ def test_no_checkpointing_without_gradients(checkpoint_calls):
 
 
 def test_model_without_a_unet_is_refused():
-    with pytest.raises(ValueError, match='GradientCheckpointing needs a model with a diffusers `unet`'):
+    with pytest.raises(ValueError, match='GradientCheckpointing needs a diffusion model with a denoiser'):
         apply_gradient_checkpointing(torch.nn.Linear(2, 2))
 
 

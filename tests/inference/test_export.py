@@ -58,7 +58,7 @@ def test_loading_an_exported_folder_gives_back_the_same_model(model, tmp_path):
     loaded = load_checkpoint(str(tmp_path / 'export'))
     assert loaded.weights == 'pipeline' and loaded.config is None
     again = loaded.model
-    assert type(again).__name__ == 'StableDiffusion' and again.inference_scheduler == 'dpm++'
+    assert type(again).__name__ == 'StableDiffusion' and again.objective.default_scheduler == 'dpm++'
     assert again.prediction_type == 'v_prediction'
     for name, value in model.state_dict().items():
         assert torch.equal(again.state_dict()[name], value), name
@@ -151,5 +151,5 @@ def test_sdxl_export_loads_in_diffusers_and_back_and_draws_the_same_image(tmp_pa
     torch.testing.assert_close(theirs.float(), ours, rtol=0, atol=1e-6)
 
     again = load_model(str(tmp_path / 'xl'))
-    assert type(again).__name__ == 'StableDiffusionXL' and again.inference_scheduler == 'euler'
+    assert type(again.conditioner).__name__ == 'SDXLTextConditioner' and again.objective.default_scheduler == 'euler'
     assert torch.equal(again.generate(prompts, seed=[4, 9], num_inference_steps=2, guidance_scale=3.0), ours)

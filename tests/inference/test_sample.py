@@ -177,7 +177,8 @@ def test_cli_passes_sdxl_micro_conditioning_and_refuses_it_for_sd2(model, tmp_pa
     assert np.array_equal(pixels(tmp_path / 'out' / '00000_4.png'), plain)
 
     export_model(model, str(tmp_path / 'sd2'), model_card=False)
-    with pytest.raises(SystemExit, match='--target-size apply to SDXL models only; StableDiffusion has no'):
+    expected = '--target-size apply to SDXL models only; StableDiffusion with CLIPTextConditioner has no'
+    with pytest.raises(SystemExit, match=expected):
         main(
             ['--checkpoint', str(tmp_path / 'sd2'), '--out', str(tmp_path / 'o2'), *common, '--target-size', '16', '16']
         )

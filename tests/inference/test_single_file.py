@@ -7,14 +7,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from diffusion.inference.single_file import (
+from diffusion.models import tiny_stable_diffusion_xl
+from diffusion.models.single_file import (
     open_clip_to_ldm,
     pipeline_to_ldm,
     save_single_file,
     unet_to_ldm,
     vae_to_ldm,
 )
-from diffusion.models import tiny_stable_diffusion_xl
 from tests.conftest import build_tiny_sd
 
 # The SD2 layout at test size: a plain (attention-free) last down block and first up block, two resnets and two

@@ -7,18 +7,18 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from diffusion.models import StableDiffusionXL, stable_diffusion_xl, tiny_stable_diffusion_xl
+from diffusion.models import SDXLTextConditioner, StableDiffusion, stable_diffusion_xl, tiny_stable_diffusion_xl
 from diffusion.models.factories import TINY_SDXL_UNET_CONFIG, XL_COMPONENTS
 from tests.conftest import TEST_XL, build_tiny_sdxl
 
 
 @pytest.fixture
-def sdxl() -> StableDiffusionXL:
+def sdxl() -> StableDiffusion:
     torch.manual_seed(0)
     return build_tiny_sdxl()
 
 
-def batch_of(model: StableDiffusionXL, size: int = 2, **extra) -> dict:
+def batch_of(model: StableDiffusion, size: int = 2, **extra) -> dict:
     captions = ['a red circle', 'a blue square', 'a green star', 'a photo'][:size]
     return {'image': torch.rand(size, 3, 16, 16) * 2 - 1, 'captions': captions, **extra}
 
@@ -34,6 +34,7 @@ def test_sdxl_base_architecture_sizes_on_meta_device():
     assert model.unet.config.cross_attention_dim == 768 + 1280
     assert model.latent_scaling_factor == pytest.approx(0.13025)
     assert model.tokenizer.pad_token == '<|endoftext|>' and model.tokenizer_2.pad_token == '!'
+    assert isinstance(model.conditioner, SDXLTextConditioner)
     # Only the UNet trains; both text encoders are frozen.
     assert not any(p.requires_grad for p in model.text_encoder_2.parameters())
 
@@ -42,7 +43,8 @@ def test_conditioning_equals_the_diffusers_sdxl_pipeline(sdxl):
     """Training must feed the UNet exactly what StableDiffusionXLPipeline feeds it when sampling."""
     prompts = ['a red circle', 'a blue square']
     pipe = sdxl.pipeline()
-    context, pooled = sdxl.encode_text(*sdxl.tokenize(prompts))
+    text = sdxl.conditioner.text_embeddings(prompts)
+    context, pooled = text['text_embeds'], text['pooled_text_embeds']
     with torch.no_grad():
         pipe_context, _, pipe_pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
     torch.testing.assert_close(context, pipe_context)
@@ -55,11 +57,15 @@ def test_conditioning_equals_the_diffusers_sdxl_pipeline(sdxl):
         'cond_target_size': torch.tensor([[16, 16], [16, 16]]),
     }
     latents = torch.zeros(2, 4, 8, 8)
-    kwargs = sdxl._unet_conditioning(batch, drop_captions=False, latents=latents)
+    conditioning = sdxl.conditioning(batch, drop_captions=False, latents=latents)
     expected = pipe._get_add_time_ids((300, 200), (5, 0), (16, 16), dtype=torch.float32, text_encoder_projection_dim=16)
-    torch.testing.assert_close(kwargs['added_cond_kwargs']['time_ids'][:1], expected)
+    torch.testing.assert_close(conditioning['time_ids'][:1], expected)
+    # The UNet receives them as its added conditioning, as the pipeline passes them.
+    kwargs = sdxl.denoiser.network_kwargs(conditioning)
+    assert kwargs['added_cond_kwargs']['time_ids'] is conditioning['time_ids']
+    assert kwargs['added_cond_kwargs']['text_embeds'] is conditioning['pooled_text_embeds']
     # Without the keys, an uncropped image of the latents' size: what sampling uses by default.
-    default = sdxl.time_ids({}, latents)
+    default = sdxl.conditioning({'captions': prompts}, drop_captions=False, latents=latents)['time_ids']
     torch.testing.assert_close(default, torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]] * 2))
 
 
@@ -80,15 +86,15 @@ def test_loss_trains_the_unet_with_micro_conditioning(sdxl):
 
 def test_caption_dropout_zeroes_context_and_pooled(sdxl):
     model = build_tiny_sdxl(caption_drop_prob=1.0)
-    kwargs = model._unet_conditioning(batch_of(model), drop_captions=True, latents=torch.zeros(2, 4, 8, 8))
-    assert kwargs['encoder_hidden_states'].abs().max() == 0
-    assert kwargs['added_cond_kwargs']['text_embeds'].abs().max() == 0
+    kwargs = model.conditioning(batch_of(model), drop_captions=True, latents=torch.zeros(2, 4, 8, 8))
+    assert kwargs['text_embeds'].abs().max() == 0
+    assert kwargs['pooled_text_embeds'].abs().max() == 0
     model = build_tiny_sdxl(caption_drop_prob=0.3)
     torch.manual_seed(1)
     batch = {'captions': ['a red circle'] * 2000}
     with torch.no_grad():
-        context = model._unet_conditioning(batch, drop_captions=True, latents=torch.zeros(2000, 4, 8, 8))
-    dropped = (context['encoder_hidden_states'].abs().amax(dim=(1, 2)) == 0).float().mean().item()
+        context = model.conditioning(batch, drop_captions=True, latents=torch.zeros(2000, 4, 8, 8))
+    dropped = (context['text_embeds'].abs().amax(dim=(1, 2)) == 0).float().mean().item()
     assert abs(dropped - 0.3) < 0.04
 
 
@@ -96,7 +102,7 @@ def test_precomputed_embeddings_give_the_same_loss(sdxl):
     batch = batch_of(sdxl)
     with torch.no_grad():
         mean, std = sdxl.vae_moments(batch['image'])
-        text = sdxl.text_embeddings(batch['captions'])
+        text = sdxl.conditioner.text_embeddings(batch['captions'])
     assert text['text_embeds'].shape == (2, 77, 32) and text['pooled_text_embeds'].shape == (2, 16)
     latent_batch = {'image_latents_mean': mean, 'image_latents_std': std, **text}
     sdxl.eval()

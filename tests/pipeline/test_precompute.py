@@ -107,8 +107,8 @@ def test_a_run_on_latents_never_calls_the_encoders(synthetic_dataset, tmp_path):
         raise AssertionError('an encoder ran on a batch of precomputed latents')
 
     model.vae.encode = fail
-    empty = model.encode_text(model.tokenize(['']))  # the one text-encoder call, made before the run
-    model._empty_text_embeds = empty
+    empty = model.conditioner.text_embeddings([''])['text_embeds']  # the one text-encoder call, made before the run
+    model.conditioner._empty_text_embeds = empty
     model.text_encoder.forward = fail
     trainer.fit()
     assert trainer.state.timestamp.batch.value == 3

@@ -1,9 +1,9 @@
-"""Compile the UNet with ``torch.compile``, in place, so that parameter names and checkpoints do not change.
+"""Compile the denoiser with ``torch.compile``, in place, so that parameter names and checkpoints do not change.
 
-Calls ``nn.Module.compile`` on the UNet, which compiles the module's call rather than wrapping it in an
+Calls ``nn.Module.compile`` on the denoising network, which compiles the module's call rather than wrapping it in an
 ``OptimizedModule``: ``state_dict`` keys, EMA copies and checkpoints stay exactly as without compiling, and a
-checkpoint saved with compilation loads without it and vice versa. Only the UNet is compiled; the frozen VAE and
-text encoder, and the noising around the UNet, run eagerly. Compilation is lazy: it happens at the first step,
+checkpoint saved with compilation loads without it and vice versa. Only the denoiser is compiled; the frozen VAE and
+text encoder, and the noising around the denoiser, run eagerly. Compilation is lazy: it happens at the first step,
 after every other ``Event.INIT`` algorithm (attention backend, gradient checkpointing) has changed the model.
 
 Costs compile time at the first step, and again whenever input shapes change (another resolution or
@@ -22,32 +22,32 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
-from diffusion.algorithms._components import get_unet
+from diffusion.models import get_denoiser
 
 log = logging.getLogger(__name__)
 
-__all__ = ['CompileUNet', 'apply_compile_unet']
+__all__ = ['CompileDenoiser', 'apply_compile_denoiser']
 
 
-def apply_compile_unet(model: torch.nn.Module, **compile_kwargs: Any) -> None:
-    """Compile the UNet of ``model`` in place with ``nn.Module.compile``.
+def apply_compile_denoiser(model: torch.nn.Module, **compile_kwargs: Any) -> None:
+    """Compile the denoiser of ``model`` in place with ``nn.Module.compile``.
 
     Args:
-        model (torch.nn.Module): A :class:`~diffusion.models.StableDiffusion` (or a bare diffusers UNet).
+        model (torch.nn.Module): A :class:`~diffusion.models.StableDiffusion`.
         **compile_kwargs: Arguments of ``torch.compile`` (``mode``, ``fullgraph``, ``dynamic``, ``backend``, ...).
 
     Raises:
-        ValueError: If the model has no diffusers UNet.
+        ValueError: If the model has no denoiser.
     """
-    unet = get_unet(model, 'CompileUNet')
-    unet.compile(**compile_kwargs)
-    log.info(f'Compiling {type(unet).__name__} with torch.compile({compile_kwargs}) at its first call.')
+    denoiser = get_denoiser(model, 'CompileDenoiser')
+    denoiser.compile(**compile_kwargs)
+    log.info(f'Compiling {type(denoiser.network).__name__} with torch.compile({compile_kwargs}) at its first call.')
 
 
-class CompileUNet(Algorithm):
-    """Compile the UNet in place at ``Event.INIT``; see :func:`apply_compile_unet`.
+class CompileDenoiser(Algorithm):
+    """Compile the denoiser in place at ``Event.INIT``; see :func:`apply_compile_denoiser`.
 
-    Example yaml: ``algorithms: {compile_unet: {mode: max-autotune-no-cudagraphs}}``.
+    Example yaml: ``algorithms: {compile_denoiser: {mode: max-autotune-no-cudagraphs}}``.
 
     Args:
         mode (str, optional): ``torch.compile`` mode: ``'default'``, ``'reduce-overhead'`` (CUDA graphs),
@@ -81,6 +81,6 @@ class CompileUNet(Algorithm):
         return event == Event.INIT
 
     def apply(self, event: Event, state: State, logger: Logger) -> Optional[int]:
-        apply_compile_unet(
+        apply_compile_denoiser(
             state.model, mode=self.mode, fullgraph=self.fullgraph, dynamic=self.dynamic, backend=self.backend
         )

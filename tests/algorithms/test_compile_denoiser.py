@@ -4,7 +4,7 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from diffusion import registry
-from diffusion.algorithms import CompileUNet, apply_compile_unet
+from diffusion.algorithms import CompileDenoiser, apply_compile_denoiser
 from tests.conftest import build_tiny_sd
 
 
@@ -37,7 +37,7 @@ def test_compiles_in_place_and_matches_eager_forward_and_backward():
     # Inductor needs minutes to compile the tiny UNet's forward and backward on a 2-core CPU; AOTAutograd with eager
     # kernels ('aot_eager') traces the same forward and backward graphs in seconds. The GPU test below uses inductor.
     backend = CompileCounterWithBackend('aot_eager')
-    apply_compile_unet(compiled, backend=backend)
+    apply_compile_denoiser(compiled, backend=backend)
 
     assert compiled.unet is unet  # the module is compiled in place, not wrapped
     assert list(compiled.state_dict()) == keys
@@ -57,7 +57,7 @@ def test_inductor_on_gpu_matches_eager():
     latents, timesteps, text_embeds = (tensor.cuda() for tensor in unet_inputs())
     with torch.no_grad():
         expected = model.unet(latents, timesteps, encoder_hidden_states=text_embeds).sample
-    apply_compile_unet(model)
+    apply_compile_denoiser(model)
     output = model.unet(latents, timesteps, encoder_hidden_states=text_embeds).sample
     output.square().mean().backward()
     torch.testing.assert_close(output.detach(), expected, rtol=1e-4, atol=1e-4)
@@ -65,13 +65,13 @@ def test_inductor_on_gpu_matches_eager():
 
 
 def test_model_without_a_unet_is_refused():
-    with pytest.raises(ValueError, match='CompileUNet needs a model with a diffusers `unet`'):
-        apply_compile_unet(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match='CompileDenoiser needs a diffusion model with a denoiser'):
+        apply_compile_denoiser(torch.nn.Linear(2, 2))
 
 
 def test_registry_passes_the_compile_options():
     algorithm = registry.algorithms.build('compile_unet', {'mode': 'max-autotune-no-cudagraphs', 'dynamic': False})
-    assert isinstance(algorithm, CompileUNet)
+    assert isinstance(algorithm, CompileDenoiser)
     assert (algorithm.mode, algorithm.fullgraph, algorithm.dynamic, algorithm.backend) == (
         'max-autotune-no-cudagraphs',
         False,
