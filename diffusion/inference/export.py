@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from diffusion.inference.loading import load_checkpoint
 from diffusion.inference.model_card import write_model_card
 from diffusion.models.adapters import merge_adapters
 from diffusion.models.single_file import save_single_file
@@ -117,8 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> dict[str, str]:
     """Command line; see ``--help``."""
-    from diffusion.inference.loading import load_checkpoint
-
     args = build_parser().parse_args(argv)
     if args.provenance is not None and not os.path.isfile(args.provenance):
         raise SystemExit(f'error: --provenance {args.provenance} does not exist')

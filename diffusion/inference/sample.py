@@ -23,7 +23,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from diffusion.evaluation.prompts import load_prompt_set
 from diffusion.evaluation.sample_folder import CONTACT_SHEET, SAMPLES_FILE, image_filename, read_samples_file
+from diffusion.inference.loading import load_checkpoint
 from diffusion.models.noise import INFERENCE_SCHEDULERS
 
 __all__ = ['CONTACT_SHEET', 'SAMPLES_FILE', 'image_filename', 'main', 'sample_to_folder', 'write_contact_sheet']
@@ -322,9 +324,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
     """Command line; see ``--help``."""
-    from diffusion.evaluation.prompts import load_prompt_set
-    from diffusion.inference.loading import load_checkpoint
-
     args = build_parser().parse_args(argv)
     seeds = _seeds(args)
     prompts = load_prompt_set(args.prompts, category=args.category, limit=args.limit)

@@ -112,7 +112,7 @@ def _summary(runner: StageRunner, num_units: int) -> None:
 
 
 def _config_resolution(config: str, overrides: Sequence[str]) -> int:
-    from diffusion.config import load_config
+    from diffusion.config import load_config  # Hydra: only the precompute stage reads a training config
 
     resolution = load_config(config, list(overrides)).get('train_dataloader', {}).get('resolution')
     if resolution is None:
@@ -150,6 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         )
         runner = filter_dataset(args.input, args.out, options=options, **_runner_kwargs(args))
     elif args.stage == 'precompute':
+        # Imported here: the model stack (diffusers, the registries) takes seconds and only this stage needs it.
         from diffusion.pipeline.precompute import PrecomputeOptions, precompute_latents
 
         resolution = args.resolution or _config_resolution(args.config, args.override)
