@@ -51,6 +51,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class LoadedModel:
     """A model ready for sampling, and what it was loaded from.

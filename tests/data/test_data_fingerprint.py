@@ -104,8 +104,8 @@ def test_a_resume_after_the_last_shard_was_removed_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_a_checkpoint_without_a_fingerprint_resumes_with_a_warning(tmp_path, caplog):
-    from diffusion.checkpointing import write_manifest
     from diffusion.builders import build_trainer
+    from diffusion.checkpointing import write_manifest
 
     data = synthetic(str(tmp_path / 'data'), 64)
     common = ('train_dataloader.batch_size=8', 'save_interval=2ba')
