@@ -26,6 +26,7 @@ from diffusion.checkpointing import (
     guard_checkpoint_loading,
 )
 from diffusion.config import validate_config
+from diffusion.models.adapters import apply_adapters
 from diffusion.parallelism import check_parallelism_config, resolve_parallelism
 
 __all__ = [
@@ -44,9 +45,21 @@ def _section(cfg: Any) -> dict[str, Any]:
 
 
 def build_model(model_cfg: Any):
-    """The ComposerModel named by ``model.name``."""
+    """The ComposerModel named by ``model.name``, with the ``model.adapters`` applied (before any optimizer)."""
     kwargs = _section(model_cfg)
-    return registry.models.build(kwargs.pop('name'), kwargs, where='model')
+    adapters = kwargs.pop('adapters', None) or {}
+    model = registry.models.build(kwargs.pop('name'), kwargs, where='model')
+    if adapters:
+        if not hasattr(model, 'adapters'):
+            raise ValueError(f'model.adapters: {type(model).__name__} takes no adapters.')
+        apply_adapters(model, [_build_adapter(name, options) for name, options in adapters.items()])
+    return model
+
+
+def _build_adapter(name: str, options: Any) -> Any:
+    adapter = registry.adapters.build(name, options or {}, where=f'model.adapters.{name}')
+    adapter.name = name
+    return adapter
 
 
 def build_dataloader(dataloader_cfg: Any, model: Any, where: str):
@@ -55,7 +68,8 @@ def build_dataloader(dataloader_cfg: Any, model: Any, where: str):
     name = kwargs.pop('name')
     extra = {}
     if 'tokenizer' in inspect.signature(registry.dataloaders.get(name)).parameters:
-        extra['tokenizer'] = getattr(model, 'tokenizer', None)
+        conditioner = getattr(model, 'conditioner', None)  # the autoencoder model has none
+        extra['tokenizer'] = conditioner.tokenizer if conditioner is not None else None
     try:
         return registry.dataloaders.build(name, kwargs, where=where, **extra)
     except (FileNotFoundError, ValueError) as error:
@@ -91,6 +105,9 @@ def check_sections(cfg: DictConfig) -> None:
     ):
         if cfg[section]:  # optional sections are empty when unused
             kwargs = _section(cfg[section])
+            if section == 'model':  # applied by build_model to whichever model is built
+                for name, options in (kwargs.pop('adapters', None) or {}).items():
+                    registry.adapters.check(name, options or {}, where=f'model.adapters.{name}')
             provided = ('params',) if section == 'optimizer' else ('tokenizer',) if 'dataloader' in section else ()
             reg.check(kwargs.pop('name'), kwargs, where=section, provided=provided)
     for section in ('algorithms', 'callbacks', 'loggers'):
