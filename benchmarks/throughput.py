@@ -38,7 +38,7 @@ from diffusion.algorithms import apply_attention_backend, apply_compile_denoiser
 from diffusion.models import stable_diffusion_2, tiny_stable_diffusion
 
 FACTORIES: dict[str, Callable[[], Any]] = {'tiny': tiny_stable_diffusion, 'sd2': stable_diffusion_2}
-UNET_TRAIN_GFLOP = {256: 539.0, 512: 2409.0}  # SD2 UNet forward + backward per image (shared/REFERENCE.md)
+UNET_TRAIN_GFLOP = {256: 539.0, 512: 2409.0}  # SD2 UNet forward + backward per image (FlopCounterMode)
 PEAK_TFLOPS = {'H100': (989.0, 790.0), 'H200': (989.0, 790.0), 'A100': (312.0, None)}  # datasheet, measured matmul
 
 

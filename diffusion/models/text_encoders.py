@@ -4,8 +4,9 @@ The tokenizer is transformers' ``CLIPTokenizer`` constructed from the real CLIP 
 that ships inside the open-clip-torch package (``open_clip/bpe_simple_vocab_16e6.txt.gz``), so that training,
 tests and the demo tokenize exactly as Stable Diffusion 2 does without reaching a model hub. Text encoders are
 transformers ``CLIPTextModel`` (SD2, and SDXL's CLIP ViT-L/14) or ``CLIPTextModelWithProjection`` (SDXL's
-OpenCLIP ViT-bigG/14, whose projected pooled output conditions the UNet) built from the configs in
-shared/REFERENCE.md, or loaded with ``from_pretrained`` from a local folder or hub id.
+OpenCLIP ViT-bigG/14, whose projected pooled output conditions the UNet) built from the configs below (the
+published SD2 and SDXL text towers; parameter counts are pinned in tests), or loaded with ``from_pretrained`` from a
+local folder or hub id.
 """
 
 from __future__ import annotations
