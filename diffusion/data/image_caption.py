@@ -9,8 +9,8 @@ columns ``license``, ``attribution``, ``source_url``, ``width``, ``height``.
 
 A sample becomes ``{'image': (3, R, R) float in [-1, 1], 'captions': str, 'input_ids': (77,) long,
 'sample_index': int, 'replaced': int}``; the default collate stacks them into the batch dict of
-shared/ARCHITECTURE.md. A sample whose image does not decode or whose caption is empty is replaced by the next
-usable one (``replaced = 1``; see :mod:`diffusion.data.faults`).
+shared/ARCHITECTURE.md. A sample whose image does not decode or is degenerate (1x1, 200000x1), or whose caption
+is empty, is replaced by the next usable one (``replaced = 1``; see :mod:`diffusion.data.faults`).
 
 SDXL's micro-conditioning (Podell et al. 2023, section 2.2) adds ``cond_original_size``, ``cond_crops_coords_top_left``
 and ``cond_target_size`` (each (2,) long, ``(height, width)`` or ``(top, left)``): the crop the transform really took.
@@ -58,15 +58,19 @@ CROPS = ('random', 'center')
 CAPTION_SOURCES = ('synthetic', 'original', 'mix')
 
 
-def decode_image(data: bytes, max_pixels: int = 1 << 26) -> Image.Image:
+def decode_image(
+    data: bytes, max_pixels: int = 1 << 26, min_side: int = 1, max_aspect_ratio: Optional[float] = None
+) -> Image.Image:
     """Decode encoded image bytes to an RGB PIL image, or raise ``ImageError`` (a ``ValueError``) saying why not.
 
     The pipeline's decoder (:func:`diffusion.pipeline.images.decode_image`), so that training accepts what ingest
     accepted: declared sizes above ``max_pixels`` are refused before any pixel is decoded, 16-bit samples are scaled
     to 8 bits rather than clipped, CMYK is converted, transparency is composited on white and EXIF orientation
-    applied. ``ImageError.reason`` is one of ``empty_file``, ``truncated``, ``decompression_bomb``, ``undecodable``.
+    applied. Images with a side under ``min_side`` or an aspect ratio over ``max_aspect_ratio`` are refused from the
+    header too. ``ImageError.reason`` is one of ``empty_file``, ``truncated``, ``decompression_bomb``,
+    ``too_small``, ``extreme_aspect_ratio``, ``undecodable``.
     """
-    return images.decode_image(data, max_pixels=max_pixels)
+    return images.decode_image(data, max_pixels=max_pixels, min_side=min_side, max_aspect_ratio=max_aspect_ratio)
 
 
 def image_transform(resolution: int, crop: str = 'center', random_flip: bool = False) -> transforms.Compose:
@@ -161,8 +165,9 @@ def resolve_source(remote: Optional[str], local: Optional[str]) -> tuple[Optiona
 class StreamingImageCaptionDataset(FaultTolerantStreamingDataset):
     """Streaming image-caption dataset with resize, crop, flip and tokenization.
 
-    A sample whose image fails to decode (truncated, not an image, a decompression bomb) or whose caption is empty
-    is replaced by the next usable sample, marked ``replaced = 1`` and named in a warning.
+    A sample whose image fails to decode (truncated, not an image, a decompression bomb), is degenerate (a side under
+    ``min_image_side``, an aspect ratio over ``max_image_aspect_ratio``) or whose caption is empty or not UTF-8 is
+    replaced by the next usable sample, marked ``replaced = 1`` and named in a warning.
 
     Indexed by a :class:`~diffusion.data.aspect_buckets.BucketIndex` instead of an ``int``, a sample is cropped to
     the bucket's size, with its random crop and flip drawn from ``(shuffle_seed, epoch, index)``: the same in any
@@ -186,6 +191,11 @@ class StreamingImageCaptionDataset(FaultTolerantStreamingDataset):
             Default: ``0.5``.
         caption_seed (int): Seed of the per-sample draw of ``'mix'``. Default: ``0``.
         max_image_pixels (int): Largest declared image size accepted, against decompression bombs.
+        min_image_side (int): Smallest width and height accepted; a smaller image (a 1x1 pixel, an icon) is
+            replaced instead of being upscaled to a flat training image. Default: ``16``.
+        max_image_aspect_ratio (float, optional): Largest ratio of the long side to the short one accepted; a
+            longer image (a 200000x1 line, which costs hundreds of MB to decode and resize) is replaced. ``None``
+            accepts any. Default: ``10`` (panoramas pass). Both are decided from the header, before decoding.
         micro_conditioning (bool): Add SDXL's ``cond_original_size`` (the ``original_height`` and
             ``original_width`` columns where positive, else the decoded image's size), ``cond_crops_coords_top_left``
             (the crop taken, see :func:`resize_and_crop`) and ``cond_target_size`` (the output size). Default:
@@ -210,10 +220,16 @@ class StreamingImageCaptionDataset(FaultTolerantStreamingDataset):
         original_caption_prob: float = 0.5,
         caption_seed: int = 0,
         max_image_pixels: int = 1 << 26,
+        min_image_side: int = 16,
+        max_image_aspect_ratio: Optional[float] = 10.0,
         micro_conditioning: bool = False,
         **streaming_kwargs: Any,
     ):
         transform = image_transform(resolution, crop, random_flip)  # validates crop before any streaming setup
+        if isinstance(min_image_side, bool) or not isinstance(min_image_side, int) or min_image_side < 1:
+            raise ValueError(f'min_image_side must be a positive integer, got {min_image_side!r}.')
+        if max_image_aspect_ratio is not None and not max_image_aspect_ratio >= 1:
+            raise ValueError(f'max_image_aspect_ratio must be at least 1 or None, got {max_image_aspect_ratio!r}.')
         if caption_source not in CAPTION_SOURCES:
             raise ValueError(f'Unknown caption_source {caption_source!r}. Valid values: {", ".join(CAPTION_SOURCES)}.')
         if not 0.0 <= original_caption_prob <= 1.0:
@@ -227,6 +243,8 @@ class StreamingImageCaptionDataset(FaultTolerantStreamingDataset):
         self.original_caption_prob = original_caption_prob
         self.caption_seed = caption_seed
         self.max_image_pixels = max_image_pixels
+        self.min_image_side = min_image_side
+        self.max_image_aspect_ratio = max_image_aspect_ratio
         self.transform = transform
         self.resolution = resolution
         self.crop = crop
@@ -257,9 +275,16 @@ class StreamingImageCaptionDataset(FaultTolerantStreamingDataset):
         if not caption.strip():
             raise UnusableSample('empty_caption', source=source)
         try:
-            image = decode_image(sample[self.image_key], self.max_image_pixels)
+            image = decode_image(
+                sample[self.image_key], self.max_image_pixels, self.min_image_side, self.max_image_aspect_ratio
+            )
         except images.ImageError as error:
-            raise UnusableSample(error.reason, error.detail, source) from error
+            detail = error.detail
+            if error.reason == 'too_small':
+                detail += f' (min_image_side={self.min_image_side})'
+            elif error.reason == 'extreme_aspect_ratio':
+                detail += f' (max_image_aspect_ratio={self.max_image_aspect_ratio:g})'
+            raise UnusableSample(error.reason, detail, source) from error
         # Transform only a usable sample: the random crop and flip then draw the same numbers with or without
         # replacements, so the augmentations of the samples after a replaced one stay as they were.
         out = {**self._transform(image, sample, index), 'captions': caption, 'sample_index': index}
@@ -321,6 +346,8 @@ def build_image_caption_dataloader(
     original_caption_key: str = 'original_caption',
     original_caption_prob: float = 0.5,
     caption_seed: int = 0,
+    min_image_side: int = 16,
+    max_image_aspect_ratio: Optional[float] = 10.0,
     validate_hash: Optional[str] = AUTO,
     verify_local_shards: bool = True,
     max_replacement_tries: int = 100,
@@ -342,7 +369,8 @@ def build_image_caption_dataloader(
         batch_size (int): Global batch size, divided evenly across ranks.
         tokenizer (PreTrainedTokenizerBase, optional): Supplied by the trainer from the model.
         resolution, crop, random_flip, image_key, caption_key, caption_source, original_caption_key,
-            original_caption_prob, caption_seed, micro_conditioning: See :class:`StreamingImageCaptionDataset`.
+            original_caption_prob, caption_seed, min_image_side, max_image_aspect_ratio, micro_conditioning: See
+            :class:`StreamingImageCaptionDataset`.
         shuffle (bool): Shuffle samples (deterministic for ``shuffle_seed``). Default: ``True``.
         shuffle_seed (int): Seed of the shuffle (and, with ``aspect_buckets``, of random crops). Default: ``9176``.
         validate_hash, verify_local_shards, max_replacement_tries, license_preset, allow_changed_data: See
@@ -374,6 +402,8 @@ def build_image_caption_dataloader(
         original_caption_key=original_caption_key,
         original_caption_prob=original_caption_prob,
         caption_seed=caption_seed,
+        min_image_side=min_image_side,
+        max_image_aspect_ratio=max_image_aspect_ratio,
         shuffle=shuffle,
         shuffle_seed=shuffle_seed,
         validate_hash=validate_hash,

@@ -27,7 +27,15 @@ __all__ = [
     'encode_image',
 ]
 
-FAILURE_REASONS = ('empty_file', 'truncated', 'decompression_bomb', 'wrong_extension', 'undecodable')
+FAILURE_REASONS = (
+    'empty_file',
+    'truncated',
+    'decompression_bomb',
+    'too_small',
+    'extreme_aspect_ratio',
+    'wrong_extension',
+    'undecodable',
+)
 ENCODE_FORMATS = ('jpeg', 'png', 'webp')
 
 # Formats Pillow may report for each extension. Cameras write multi-picture JPEGs that Pillow calls MPO.
@@ -86,12 +94,22 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert('RGB')
 
 
-def decode_image(data: bytes, *, filename: str | None = None, max_pixels: int = 1 << 28) -> Image.Image:
+def decode_image(
+    data: bytes,
+    *,
+    filename: str | None = None,
+    max_pixels: int = 1 << 28,
+    min_side: int = 1,
+    max_aspect_ratio: float | None = None,
+) -> Image.Image:
     """Decode image bytes into a fully loaded RGB image, upright as displayed, or say why not.
 
     Checks run in this order: no bytes (``empty_file``); a header Pillow cannot parse (``undecodable``, or
     ``truncated`` when the header itself is cut short); a declared ``width * height`` above ``max_pixels``
-    (``decompression_bomb``, decided before any pixel is decoded); an image extension in ``filename`` that names
+    (``decompression_bomb``), a declared side under ``min_side`` (``too_small``) or a long side more than
+    ``max_aspect_ratio`` times the short one (``extreme_aspect_ratio``), all three decided from the header before
+    any pixel is decoded (a 664-byte 200000x1 PNG costs 0.2 GB to decode and crop to 16 px, and more than the
+    machine has at 256 px); an image extension in ``filename`` that names
     another format than the one detected (``wrong_extension``); pixel data that ends early (``truncated``) or fails
     otherwise (``undecodable``).
     Animated images yield their first frame. EXIF orientation is applied, so sizes are the displayed ones.
@@ -100,6 +118,9 @@ def decode_image(data: bytes, *, filename: str | None = None, max_pixels: int = 
         data (bytes): The encoded file.
         filename (str | None): The file's name, used for the extension check and in error messages.
         max_pixels (int): Largest accepted ``width * height``.
+        min_side (int): Smallest accepted width and height. Default: ``1`` (any).
+        max_aspect_ratio (float | None): Largest accepted ratio of the long side to the short one. Default:
+            ``None`` (any).
 
     Returns:
         Image.Image: An RGB image whose pixels are loaded.
@@ -130,6 +151,15 @@ def decode_image(data: bytes, *, filename: str | None = None, max_pixels: int = 
     width, height = image.size
     if width * height > max_pixels:
         raise ImageError('decompression_bomb', f'{width}x{height} exceeds {max_pixels} pixels', filename)
+    if min(width, height) < min_side:
+        raise ImageError('too_small', f'{width}x{height} has a side under {min_side} px', filename)
+    if max_aspect_ratio is not None and max(width, height) > max_aspect_ratio * min(width, height):
+        ratio = max(width, height) / min(width, height)
+        raise ImageError(
+            'extreme_aspect_ratio',
+            f'{width}x{height} has an aspect ratio of {ratio:.4g}, over {max_aspect_ratio}',
+            filename,
+        )
     extension = os.path.splitext(filename)[1].lower() if filename else ''
     if extension in _EXTENSION_FORMATS and image.format not in _EXTENSION_FORMATS[extension]:
         raise ImageError('wrong_extension', f'{image.format} data named {extension}', filename)

@@ -317,6 +317,74 @@ def test_a_caption_that_is_not_utf8_is_replaced_and_named(tmp_path, caplog):
         assert sorted(torch.cat([batch['replaced'] for batch in loader]).tolist()) == [0, 0, 0, 0, 1, 1]
 
 
+def sklearn_photo() -> bytes:
+    from sklearn.datasets import load_sample_images
+
+    return encode(Image.fromarray(load_sample_images().images[0]), 'JPEG')  # a real 427x640 photo
+
+
+@pytest.fixture(scope='module')
+def degenerate_dataset(tmp_path_factory) -> str:
+    """A photo, a 1x1 PNG, a 16x16 square, a 200000x1 PNG (under the pixel limit), 4:1 and 20:1 strips, a square."""
+    line = encode(Image.new('RGB', (200_000, 1), (90, 90, 90)))
+    assert len(line) < 1000
+    samples = [
+        (sklearn_photo(), 'a photo'),
+        (encode(Image.new('RGB', (1, 1), (200, 30, 30))), 'one pixel'),
+        (GOOD, 'a small square'),
+        (line, 'a line'),
+        (encode(Image.new('RGB', (400, 100), (30, 200, 30))), 'a 4:1 strip'),
+        (encode(Image.new('RGB', (2000, 100), (30, 30, 200))), 'a 20:1 strip'),
+        (GOOD, 'a small square again'),
+    ]
+    return write_samples(str(tmp_path_factory.mktemp('degenerate') / 'data'), samples)
+
+
+def test_tiny_and_extreme_aspect_images_are_replaced_before_decoding(degenerate_dataset, caplog, monkeypatch):
+    from PIL import ImageFile
+
+    decoded = []
+    load = ImageFile.ImageFile.load
+
+    def recording_load(image):
+        decoded.append(image.size)
+        return load(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, 'load', recording_load)
+    with caplog.at_level(logging.WARNING, logger='diffusion.data.faults'):
+        dataset = StreamingImageCaptionDataset(local=degenerate_dataset, resolution=16, crop='center')
+        samples = [dataset[index] for index in range(7)]
+    assert [s['sample_index'] for s in samples] == [0, 2, 2, 4, 4, 6, 6]
+    assert [s['replaced'] for s in samples] == [0, 1, 0, 1, 0, 1, 0]  # a photo, 16 px and 4:1 pass the defaults
+    for index, substitute, reason in (
+        (1, 2, 'too_small: 1x1 has a side under 16 px (min_image_side=16)'),
+        (3, 4, 'too_small: 200000x1 has a side under 16 px (min_image_side=16)'),
+        (5, 6, 'extreme_aspect_ratio: 2000x100 has an aspect ratio of 20, over 10.0 (max_image_aspect_ratio=10)'),
+    ):
+        named = f'Replacing sample {index} (https://data.invalid/{index}) in shard.00000.mds by sample {substitute}'
+        assert f'{named}: {reason}' in caplog.text
+    # Decided from the header: the 200000x1 line (0.2 GB to decode and crop to 16 px, more than 24 GB at 256 px),
+    # the 1x1 and the 20:1 strip are never decoded.
+    assert not {(200_000, 1), (1, 1), (2000, 100)} & set(decoded)
+    assert {(640, 427), (400, 100), (16, 16)} <= set(decoded)
+
+    # The limits are options, and counted in the batches like any replacement.
+    loose = StreamingImageCaptionDataset(
+        local=degenerate_dataset, resolution=16, crop='center', min_image_side=1, max_image_aspect_ratio=None
+    )
+    assert (loose[1]['replaced'], loose[5]['replaced']) == (0, 0)
+    strict = StreamingImageCaptionDataset(
+        local=degenerate_dataset, resolution=16, crop='center', min_image_side=20, max_image_aspect_ratio=3
+    )
+    assert [strict[index]['sample_index'] for index in range(7)] == [0] * 7
+    loader = build_image_caption_dataloader(degenerate_dataset, batch_size=7, resolution=16, shuffle=False)
+    assert torch.cat([batch['replaced'] for batch in loader]).tolist() == [0, 1, 0, 1, 0, 1, 0]
+    with pytest.raises(ValueError, match='min_image_side must be a positive integer, got 0'):
+        StreamingImageCaptionDataset(local=degenerate_dataset, min_image_side=0)
+    with pytest.raises(ValueError, match='max_image_aspect_ratio must be at least 1 or None, got 0.5'):
+        StreamingImageCaptionDataset(local=degenerate_dataset, max_image_aspect_ratio=0.5)
+
+
 def test_latents_with_nan_are_replaced(tmp_path):
     out = str(tmp_path / 'latents')
     with MDSWriter(out=out, columns={'image_latents': 'ndarray', 'text_embeds': 'ndarray'}, hashes=['xxh64']) as w:

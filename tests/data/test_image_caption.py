@@ -131,7 +131,7 @@ def write_two_caption_dataset(out: str, count: int = 40) -> str:
     from streaming import MDSWriter
 
     buffer = io.BytesIO()
-    Image.new('RGB', (8, 8)).save(buffer, format='PNG')
+    Image.new('RGB', (16, 16)).save(buffer, format='PNG')  # the smallest side min_image_side accepts by default
     columns = {'image': 'bytes', 'caption': 'str', 'original_caption': 'str'}
     with MDSWriter(out=out, columns=columns) as writer:
         for index in range(count):
