@@ -123,3 +123,31 @@ models.register_all(
     }
 )
 dataloaders.register_all({'image_caption': build_image_caption_dataloader, 'latents': build_latent_dataloader})
+
+# The config section that names entries of each registry, in the order a reader meets them.
+CONFIG_SECTIONS = {
+    'model': models,
+    'model.denoiser': denoisers,
+    'model.text_conditioner': text_conditioners,
+    'model.objective': objectives,
+    'model.adapters': adapters,
+    'train_dataloader, eval_dataloader': dataloaders,
+    'optimizer': optimizers,
+    'scheduler': schedulers,
+    'algorithms': algorithms,
+    'callbacks': callbacks,
+    'loggers': loggers,
+}
+
+
+def registry_table() -> str:
+    """Every registry's names as the Markdown table in README.md (a test keeps the two the same)."""
+    rows = ['| section | registry | names |', '|---|---|---|']
+    for section, reg in CONFIG_SECTIONS.items():
+        names = ', '.join(f'`{name}`' for name in reg.names()) or '(none built in; see "Add a component")'
+        rows.append(f'| `{section}` | {reg.name} | {names} |')
+    return '\n'.join(rows)
+
+
+if __name__ == '__main__':
+    print(registry_table())

@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 
+import catalogue
 import numpy as np
 import pytest
 import torch
@@ -167,6 +168,13 @@ def seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def restore_registries(monkeypatch):
+    """Entries a test registers (or loads from an entry point) are gone after it: catalogue keeps every registry's
+    entries in one module-level dict, replaced by a copy for the test's duration."""
+    monkeypatch.setattr(catalogue, 'REGISTRY', dict(catalogue.REGISTRY))
 
 
 @pytest.fixture(autouse=True)
