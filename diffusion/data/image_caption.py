@@ -9,7 +9,7 @@ columns ``license``, ``attribution``, ``source_url``, ``width``, ``height``.
 
 A sample becomes ``{'image': (3, R, R) float in [-1, 1], 'captions': str, 'input_ids': (77,) long,
 'sample_index': int, 'replaced': int}``; the default collate stacks them into the batch dict of
-shared/ARCHITECTURE.md. A sample whose image does not decode or is degenerate (1x1, 200000x1), or whose caption
+:mod:`diffusion.data.batch`. A sample whose image does not decode or is degenerate (1x1, 200000x1), or whose caption
 is empty, is replaced by the next usable one (``replaced = 1``; see :mod:`diffusion.data.faults`).
 
 SDXL's micro-conditioning (Podell et al. 2023, section 2.2) adds ``cond_original_size``, ``cond_crops_coords_top_left``
