@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import subprocess
 import sys
 
@@ -29,10 +30,35 @@ TINY_YAML = os.path.join(REPO_ROOT, 'yamls', 'tiny_sd_cpu.yaml')
 COMPOSER_LAUNCHER = [sys.executable, '-m', 'composer.cli.launcher']
 
 
+def master_port() -> int:
+    """A free TCP port below the kernel's ephemeral range, for a launched job's rendezvous (``MASTER_PORT``).
+
+    Composer's launcher otherwise asks the kernel for a free ephemeral port, closes it and lets rank 0 bind it later;
+    in between, any process on the node (another test worker's gloo connections, a moto server) can be handed the same
+    port, and rank 0 then fails to bind. Ports below the ephemeral range are never handed out that way.
+    """
+    try:
+        with open('/proc/sys/net/ipv4/ip_local_port_range') as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()  # not the seeded global generator: two workers must not draw the same ports
+    for _ in range(100):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(('127.0.0.1', port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError('no free port below the ephemeral range')
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
-    """This environment with the repo root put first on PYTHONPATH (keeping what was there) and ``extra`` set."""
+    """This environment with the repo root put first on PYTHONPATH (keeping what was there), a rendezvous port of its
+    own (see :func:`master_port`) and ``extra`` set."""
     path = os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get('PYTHONPATH')]))
-    return {**os.environ, 'PYTHONPATH': path, **extra}
+    return {**os.environ, 'PYTHONPATH': path, 'MASTER_PORT': str(master_port()), **extra}
 
 
 # Smaller than the demo's tiny model: the fastest size that still exercises every code path.

@@ -42,20 +42,27 @@ def command(processes: int, args: list[str]) -> list[str]:
     return [*COMPOSER_LAUNCHER, '-n', str(processes), 'train.py', TINY_YAML, *args]
 
 
-def kill_midway(processes: int, args: list[str], checkpoints: str, after_batch: int) -> None:
-    """Start the run and SIGKILL the launcher and its ranks once the checkpoint of ``after_batch`` exists."""
+def kill_midway(processes: int, args: list[str], checkpoints: str, after_batch: int, log: str) -> None:
+    """Start the run and SIGKILL the launcher and its ranks once the checkpoint of ``after_batch`` exists.
+
+    The run's output goes to ``log``, whose end is in the failure message if the run ends by itself.
+    """
     env = subprocess_env()
-    process = subprocess.Popen(
-        command(processes, args), cwd=REPO_ROOT, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    marker = os.path.join(checkpoints, f'ep0-ba{after_batch}-rank0.pt')
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None and not os.path.exists(marker):
-        time.sleep(0.01)
-    assert process.poll() is None, 'the run ended before it could be killed'
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    with open(log, 'w') as out:
+        process = subprocess.Popen(
+            command(processes, args), cwd=REPO_ROOT, env=env, start_new_session=True, stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        marker = os.path.join(checkpoints, f'ep0-ba{after_batch}-rank0.pt')
+        deadline = time.time() + 300
+        while time.time() < deadline and process.poll() is None and not os.path.exists(marker):
+            time.sleep(0.01)
+        if process.poll() is not None:
+            with open(log) as f:
+                tail = f.read()[-4000:]
+            raise AssertionError(f'the run ended (rc {process.returncode}) before it could be killed:\n{tail}')
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def final_state(folder: str) -> dict:
@@ -96,7 +103,7 @@ def test_a_sigkilled_run_resumes_bit_exactly(synthetic_dataset, tmp_path, proces
     run_composer(TINY_YAML, *overrides(synthetic_dataset, reference), processes=processes)
 
     args = overrides(synthetic_dataset, crashed)
-    kill_midway(processes, args, os.path.join(crashed, 'checkpoints'), after_batch=4)
+    kill_midway(processes, args, os.path.join(crashed, 'checkpoints'), 4, str(tmp_path / 'killed_run.log'))
     killed_at = max(int(n.split('-ba')[1].split('-')[0]) for n in os.listdir(os.path.join(crashed, 'checkpoints'))
                     if n.endswith('-rank0.pt') and not n.startswith('latest'))  # fmt: skip
     assert 4 <= killed_at < MAX_BATCHES
