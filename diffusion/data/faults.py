@@ -97,7 +97,7 @@ class FaultTolerantStreamingDataset(StreamingDataset):
         max_replacement_tries (int): How many following samples may be tried in place of an unusable one before
             giving up with an error. Default: ``100``.
         license_preset (str, optional): Check each sample's ``license`` against this preset of
-            :mod:`diffusion.pipeline.licenses` (``'commercial'``, ``'noncommercial'``, ``'all'``) and raise
+            :mod:`diffusion.data.licenses` (``'commercial'``, ``'noncommercial'``, ``'all'``) and raise
             :class:`LicenseError` for one outside it. Default: ``None`` (no check).
         allow_changed_data (bool): Resume from a checkpoint whose data fingerprint differs from this dataset's
             (shards added, removed or rewritten since), with a warning, instead of refusing. Default: ``False``.

@@ -63,7 +63,7 @@ def decode_image(
 ) -> Image.Image:
     """Decode encoded image bytes to an RGB PIL image, or raise ``ImageError`` (a ``ValueError``) saying why not.
 
-    The pipeline's decoder (:func:`diffusion.pipeline.images.decode_image`), so that training accepts what ingest
+    The pipeline's decoder (:func:`diffusion.data.images.decode_image`), so that training accepts what ingest
     accepted: declared sizes above ``max_pixels`` are refused before any pixel is decoded, 16-bit samples are scaled
     to 8 bits rather than clipped, CMYK is converted, transparency is composited on white and EXIF orientation
     applied. Images with a side under ``min_side`` or an aspect ratio over ``max_aspect_ratio`` are refused from the

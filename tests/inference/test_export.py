@@ -59,7 +59,7 @@ def test_loading_an_exported_folder_gives_back_the_same_model(model, tmp_path):
     assert loaded.weights == 'pipeline' and loaded.config is None
     again = loaded.model
     assert type(again).__name__ == 'StableDiffusion' and again.objective.default_scheduler == 'dpm++'
-    assert again.prediction_type == 'v_prediction'
+    assert again.objective.prediction_type == 'v_prediction'
     for name, value in model.state_dict().items():
         assert torch.equal(again.state_dict()[name], value), name
     kwargs = dict(seed=[3], num_inference_steps=2, guidance_scale=2.0)

@@ -172,9 +172,7 @@ def test_component_sections_name_the_bad_key():
     with pytest.raises(ValueError, match=r'Unknown denoisers name .transformer.\. Valid names: unet'):
         latent_diffusion(denoiser={'name': 'transformer'}, text_conditioner={'name': 'clip'})
     with pytest.raises(ValueError, match=r'Unknown key model\.text_conditioner\.max_length'):
-        latent_diffusion(
-            denoiser={'name': 'unet', 'config': UNET}, text_conditioner={'name': 'clip', 'max_length': 3}
-        )
+        latent_diffusion(denoiser={'name': 'unet', 'config': UNET}, text_conditioner={'name': 'clip', 'max_length': 3})
     with pytest.raises(ValueError, match=r'model\.objective replaces the DDPM keys \[.prediction_type.\]'):
         build_tiny_sd(objective={'name': 'ddpm'}, prediction_type='v_prediction')
     with pytest.raises(ValueError, match='cross_attention_dim'):
@@ -193,9 +191,7 @@ def test_an_entry_point_denoiser_trains_through_composer(plugin, synthetic_datas
 
 
 def test_adapters_apply_before_the_optimizer_and_merge_for_export(plugin, tmp_path):
-    model_cfg = OmegaConf.create(
-        {**_composed(name='unet', config=UNET), 'adapters': {'output_gain': {'init': 2.0}}}
-    )
+    model_cfg = OmegaConf.create({**_composed(name='unet', config=UNET), 'adapters': {'output_gain': {'init': 2.0}}})
     model = build_model(model_cfg)
     assert isinstance(model, StableDiffusion) and [a.name for a in model.adapters] == ['output_gain']
     optimizer = build_optimizer({'name': 'adamw', 'lr': 1e-3}, model)
