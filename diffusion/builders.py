@@ -105,15 +105,34 @@ def check_sections(cfg: DictConfig) -> None:
     ):
         if cfg[section]:  # optional sections are empty when unused
             kwargs = _section(cfg[section])
-            if section == 'model':  # applied by build_model to whichever model is built
-                for name, options in (kwargs.pop('adapters', None) or {}).items():
-                    registry.adapters.check(name, options or {}, where=f'model.adapters.{name}')
+            if section == 'model':
+                _check_model_components(kwargs)
             provided = ('params',) if section == 'optimizer' else ('tokenizer',) if 'dataloader' in section else ()
             reg.check(kwargs.pop('name'), kwargs, where=section, provided=provided)
     for section in ('algorithms', 'callbacks', 'loggers'):
         for name, kwargs in _section(cfg[section]).items():
             getattr(registry, section).check(name, kwargs, where=f'{section}.{name}')
     check_parallelism_config(_section(cfg.parallelism_config))
+
+
+# Model-section keys that name a component from a registry: {name: ..., <its arguments>}.
+_COMPONENT_SECTIONS = {
+    'denoiser': registry.denoisers,
+    'text_conditioner': registry.text_conditioners,
+    'objective': registry.objectives,
+}
+
+
+def _check_model_components(kwargs: dict[str, Any]) -> None:
+    """Check the model's component sections and adapters (popping the adapters, which build_model applies)."""
+    for name, options in (kwargs.pop('adapters', None) or {}).items():
+        registry.adapters.check(name, options or {}, where=f'model.adapters.{name}')
+    for key, component_registry in _COMPONENT_SECTIONS.items():
+        section = kwargs.get(key)
+        if isinstance(section, dict) and 'name' in section:
+            options = {k: v for k, v in section.items() if k != 'name'}
+            # pretrained and load come from the model's pretrained_* keys, not from the section.
+            component_registry.check(section['name'], options, where=f'model.{key}', provided=('pretrained', 'load'))
 
 
 class RestoreRngMidEpoch(Callback):

@@ -237,3 +237,16 @@ def test_component_registries_are_listed_with_the_others():
     assert registry.text_conditioners.names() == ['clip', 'sdxl_clip']
     assert registry.objectives.names() == ['ddpm']
     assert 'latent_diffusion' in registry.models
+
+
+def test_component_and_adapter_keys_are_checked_before_anything_is_built():
+    from diffusion.builders import check_sections
+    from diffusion.config import load_config
+
+    base = ['model.name=latent_diffusion', '~model.caption_drop_prob', '+model.text_conditioner={name:clip}']
+    cfg = load_config(TINY_YAML, [*base, '+model.denoiser={name:unet,config:{},bogus:1}'])
+    with pytest.raises(ValueError, match=r'Unknown key model\.denoiser\.bogus\. Valid keys: config'):
+        check_sections(cfg)
+    cfg = load_config(TINY_YAML, [*base, '+model.denoiser={name:unet}', '+model.adapters={lora:{rank:4}}'])
+    with pytest.raises(ValueError, match=r'Unknown adapters name .lora.'):
+        check_sections(cfg)
