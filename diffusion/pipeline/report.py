@@ -6,6 +6,10 @@ that no sample went missing (``seen == kept + dropped`` for every unit), and wri
 ``provenance.json`` / ``provenance.md`` (per-stage accounting), ``attribution.jsonl`` / ``ATTRIBUTION.txt`` (one
 credit line per image) and ``license_mix.png`` (a matplotlib bar chart drawn with the Agg canvas, not pyplot, so no
 global backend state is touched).
+
+The report also records the fingerprint of the dataset it describes (:mod:`diffusion.data.fingerprint`: the final
+stage output's location, the SHA-256 of its ``index.json`` and its sample count), the same entries a training run
+records in its checkpoints, so that an export can check that a report describes the data its model trained on.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import IO, Any, Optional
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from diffusion.data.fingerprint import fingerprint_index, format_stream
 from diffusion.data.licenses import license_url
 from diffusion.pipeline.shards import OutputDataset, is_remote
 
@@ -190,7 +195,12 @@ def _stage_markdown(agg: dict) -> list[str]:
 
 
 def write_report(
-    stages: dict[str, list[dict]], manifest: Iterable[dict], out_dir: str, *, title: str = 'Provenance report'
+    stages: dict[str, list[dict]],
+    manifest: Iterable[dict],
+    out_dir: str,
+    *,
+    title: str = 'Provenance report',
+    fingerprint: Optional[list[dict[str, Any]]] = None,
 ) -> dict:
     """Write the dataset's provenance report into ``out_dir``.
 
@@ -201,10 +211,12 @@ def write_report(
         out_dir: Folder for ``provenance.json``, ``provenance.md``, ``attribution.jsonl``, ``ATTRIBUTION.txt`` and
             ``license_mix.png``; created if missing.
         title: Heading of the report.
+        fingerprint: The fingerprint of the final dataset (one entry per stream, see
+            :mod:`diffusion.data.fingerprint`), recorded as ``final.fingerprint``.
 
     Returns:
         The contents of ``provenance.json``: ``{'title', 'stages': [aggregate per stage], 'final': {'images',
-        'licenses'}}``.
+        'licenses', 'fingerprint' (when given)}}``.
 
     Raises:
         ValueError: If any unit's counts do not add up (see :func:`aggregate_stage`).
@@ -219,6 +231,8 @@ def write_report(
         'stages': aggregates,
         'final': {'images': sum(licenses.values()), 'licenses': final_licenses},
     }
+    if fingerprint is not None:
+        report['final']['fingerprint'] = [dict(entry) for entry in fingerprint]
     with _atomic_write(os.path.join(out_dir, 'provenance.json')) as f:
         json.dump(report, f, indent=2, ensure_ascii=False)
         f.write('\n')
@@ -229,6 +243,9 @@ def write_report(
     md += ['| license | images |', '|---|---:|']
     md += [f'| {_md_cell(lic)} | {n} |' for lic, n in final_licenses.items()]
     md += [f'| **total** | {total} |', '']
+    if fingerprint is not None:
+        streams = '; '.join(f'`{_one_line(e["location"])}` ({format_stream(e)})' for e in fingerprint)
+        md += [f'Dataset fingerprint: {streams}.', '']
     for agg in aggregates:
         md += _stage_markdown(agg)
     md += [
@@ -244,7 +261,8 @@ def report_outputs(stage_roots: list[str], out_dir: str, *, title: str = 'Proven
     """Write the report of the pipeline outputs ``stage_roots`` (in pipeline order; local or object storage).
 
     Reads each output's ``pipeline.json`` (the stage name) and its units' ``stats.json``; the manifest is the
-    ``samples.jsonl`` side table of the last output, which is the final dataset.
+    ``samples.jsonl`` side table of the last output, which is the final dataset, and the report's fingerprint is
+    that of the last output's ``index.json`` (the dataset a run trains on).
     """
     stages: dict[str, list[dict]] = {}
     outputs = []
@@ -260,12 +278,19 @@ def report_outputs(stage_roots: list[str], out_dir: str, *, title: str = 'Proven
         stages[name] = [output.read_json(f'{output.unit_name(u)}/stats.json') for u in units]
         outputs.append((output, units))
     final, units = outputs[-1]
+    try:
+        with open(final.fetch('index.json'), 'rb') as f:
+            fingerprint = [fingerprint_index(stage_roots[-1], f.read())]
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f'{stage_roots[-1]} has no index.json: its stage has not finished, so there is no dataset to report on.'
+        ) from None
 
     def manifest() -> Iterator[dict]:
         for unit in units:
             with open(final.fetch(f'{final.unit_name(unit)}/samples.jsonl'), encoding='utf-8') as f:
                 yield from (json.loads(line) for line in f)
 
-    report = write_report(stages, manifest(), out_dir, title=title)
+    report = write_report(stages, manifest(), out_dir, title=title, fingerprint=fingerprint)
     shutil.rmtree(os.path.join(out_dir, '.download'), ignore_errors=True)
     return report

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffusion.data.fingerprint import fingerprint_local
 from diffusion.data.image_caption import StreamingImageCaptionDataset
 from diffusion.pipeline.__main__ import main
 from diffusion.pipeline.shards import InputDataset
@@ -295,7 +296,16 @@ def test_report_counts_every_sample_and_credits_every_image(commoncatalog_parque
     ingest_stage, filter_stage = provenance['stages']
     assert (ingest_stage['seen'], ingest_stage['kept_total'], ingest_stage['dropped_total']) == (24, 21, 3)
     assert (filter_stage['seen'], filter_stage['kept_total']) == (21, 8)
-    assert provenance['final'] == {'images': 8, 'licenses': {'CC-BY-2.0': 4, 'CC-BY-SA-2.0': 4}}
+    # The report names the dataset it describes (the last stage's output, what a run trains on) by the
+    # fingerprint the run records in its checkpoints, so that export can check a model card's license mix.
+    fingerprint = [fingerprint_local(filtered)]
+    assert fingerprint[0]['num_samples'] == 8
+    assert provenance['final'] == {
+        'images': 8,
+        'licenses': {'CC-BY-2.0': 4, 'CC-BY-SA-2.0': 4},
+        'fingerprint': fingerprint,
+    }
+    assert StreamingImageCaptionDataset(local=filtered).fingerprint() == fingerprint
     with open(os.path.join(report, 'attribution.jsonl')) as f:
         credits = [json.loads(line) for line in f]
     assert len(credits) == 8
@@ -303,7 +313,10 @@ def test_report_counts_every_sample_and_credits_every_image(commoncatalog_parque
     assert credits[0]['license_url'] == 'https://creativecommons.org/licenses/by/2.0/'
     assert Image.open(os.path.join(report, 'license_mix.png')).size[0] > 200
     with open(os.path.join(report, 'provenance.md')) as f:
-        assert 'unknown_license' in f.read()
+        markdown = f.read()
+    assert 'unknown_license' in markdown
+    digest = fingerprint[0]['index_sha256'][:12]
+    assert f'Dataset fingerprint: `{filtered}` (8 samples, index.json sha256 {digest}).' in markdown
 
 
 @pytest.mark.remote
