@@ -5,7 +5,9 @@ model's ``pipeline()`` returns) with diffusers' ``save_pretrained(safe_serializa
 is safetensors and nothing is pickled; the EMA weights when the checkpoint has them (see
 :mod:`diffusion.inference.loading`). On request it also writes the single-file checkpoint in the original layout
 that ComfyUI and similar tools load (:mod:`diffusion.models.single_file`), and always the model card
-(:mod:`diffusion.inference.model_card`) with the training data's license mix and a link to its attribution manifest.
+(:mod:`diffusion.inference.model_card`) with the training data's license mix, its provenance report and attribution
+manifest copied beside it. A ``--provenance`` report whose dataset fingerprint differs from the one the checkpoint
+recorded for its training data is refused before anything is written, unless ``--force-provenance``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ import torch
 from torch import nn
 
 from diffusion.inference.loading import load_checkpoint
-from diffusion.inference.model_card import write_model_card
+from diffusion.inference.model_card import (
+    ProvenanceMismatchError,
+    check_attribution_url,
+    check_provenance,
+    write_model_card,
+)
 from diffusion.models.adapters import merge_adapters
 from diffusion.models.single_file import save_single_file
 
@@ -67,7 +74,12 @@ def export_model(
             is put in ``out_dir``.
         model_card (bool): Write ``README.md``. Default: ``True``.
         **card_kwargs: Passed to :func:`~diffusion.inference.model_card.write_model_card` (``config``,
-            ``provenance``, ``attribution_url``, ``weights``, ``batch``, ``name``).
+            ``provenance``, ``data_fingerprint``, ``force_provenance``, ``attribution_url``, ``weights``, ``batch``,
+            ``name``).
+
+    Raises:
+        ProvenanceMismatchError: ``provenance`` does not describe the training data (``data_fingerprint``) and
+            ``force_provenance`` is off; raised before anything is written.
 
     Returns:
         dict[str, str]: Paths written: ``pipeline`` (the folder), and ``single_file`` and ``model_card`` when written.
@@ -76,6 +88,10 @@ def export_model(
         raise ValueError(f'Unknown dtype {dtype!r}. Valid values: {", ".join(DTYPES)}.')
     if not hasattr(model, 'pipeline'):
         raise TypeError(f'{type(model).__name__} has no pipeline(); only diffusion models can be exported.')
+    if model_card:  # a false license mix or a link that will break is refused before the folder is written
+        force = card_kwargs.get('force_provenance', False)
+        check_provenance(card_kwargs.get('provenance'), card_kwargs.get('data_fingerprint'), force)
+        check_attribution_url(card_kwargs.get('attribution_url'))
     if getattr(model, 'adapters', None):
         # A plain diffusers pipeline has no adapters: merge them into a copy's base weights (the model is unchanged).
         model = merge_adapters(copy.deepcopy(model))
@@ -109,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--single-file', help='Also write this single-file .safetensors (ComfyUI, A1111).')
     parser.add_argument('--no-ema', action='store_true', help='Export the training weights even if EMA exists.')
     parser.add_argument('--provenance', help='provenance.json of the training data (default: beside the data).')
+    parser.add_argument(
+        '--force-provenance',
+        action='store_true',
+        help='Use --provenance even though its dataset fingerprint differs from the training data the checkpoint '
+        'records; the card states the license mix as unverified.',
+    )
     parser.add_argument('--attribution-url', help='Public URL of the attribution manifest, linked in the card.')
     parser.add_argument('--name', help='Model name in the card (default: the run name).')
     parser.add_argument('--dtype', choices=list(DTYPES), default='fp32')
@@ -123,18 +145,23 @@ def main(argv: Optional[list[str]] = None) -> dict[str, str]:
         raise SystemExit(f'error: --provenance {args.provenance} does not exist')
     loaded = load_checkpoint(args.checkpoint, args.config, use_ema=not args.no_ema, device=args.device)
     print(f'Loaded {loaded.describe()}')
-    written = export_model(
-        loaded.model,
-        args.out,
-        dtype=args.dtype,
-        single_file=args.single_file,
-        config=loaded.config,
-        provenance=args.provenance,
-        attribution_url=args.attribution_url,
-        weights=loaded.weights,
-        batch=loaded.batch,
-        name=args.name,
-    )
+    try:
+        written = export_model(
+            loaded.model,
+            args.out,
+            dtype=args.dtype,
+            single_file=args.single_file,
+            config=loaded.config,
+            provenance=args.provenance,
+            data_fingerprint=loaded.data_fingerprint,
+            force_provenance=args.force_provenance,
+            attribution_url=args.attribution_url,
+            weights=loaded.weights,
+            batch=loaded.batch,
+            name=args.name,
+        )
+    except ProvenanceMismatchError as error:
+        raise SystemExit(f'error: {error}') from None
     for what, path in written.items():
         print(f'{what}: {path}')
     return written

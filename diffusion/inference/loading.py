@@ -37,6 +37,7 @@ from diffusion.checkpointing import (
     validate_checkpoint,
 )
 from diffusion.config import load_config, validate_config
+from diffusion.data.fingerprint import STATE_KEY as FINGERPRINT_KEY
 from diffusion.models.factories import from_pipeline, pipeline_names
 from diffusion.models.noise import INFERENCE_SCHEDULERS
 from diffusion.parallelism import clean_parameter_name
@@ -65,6 +66,8 @@ class LoadedModel:
         config_source (str, optional): Where the config came from (``'embedded in the checkpoint'`` or a path).
         batch (int, optional): The training batch at which the checkpoint was saved.
         has_ema (bool, optional): Whether the checkpoint holds EMA weights (``None`` for a diffusers folder).
+        data_fingerprint (list, optional): The fingerprint of the training data (:mod:`diffusion.data.fingerprint`)
+            that the checkpoint's dataset state records; ``None`` when it records none (a diffusers folder).
     """
 
     model: Any
@@ -74,6 +77,7 @@ class LoadedModel:
     config_source: Optional[str] = None
     batch: Optional[int] = None
     has_ema: Optional[bool] = None
+    data_fingerprint: Optional[list[dict[str, Any]]] = None
 
     def describe(self) -> str:
         what = {'ema': 'EMA weights', 'training': 'training weights', 'pipeline': 'exported weights'}
@@ -222,6 +226,13 @@ def _batch(state: dict[str, Any]) -> Optional[int]:
     return int(value) if value is not None else None
 
 
+def _data_fingerprint(state: dict[str, Any]) -> Optional[list[dict[str, Any]]]:
+    """The training data's fingerprint from the train dataset's state, which Composer saves as ``dataset_state``."""
+    train = (state.get('dataset_state') or {}).get('train')
+    fingerprint = train.get(FINGERPRINT_KEY) if isinstance(train, dict) else None
+    return [dict(entry) for entry in fingerprint] if fingerprint else None
+
+
 def load_checkpoint(
     checkpoint: str, config: Optional[str] = None, use_ema: bool = True, device: str = 'cpu'
 ) -> LoadedModel:
@@ -251,6 +262,7 @@ def load_checkpoint(
                 ) from None
             has_ema = _ema_state(state) is not None
             loaded = LoadedModel(model.to(device).eval(), kind, checkpoint, cfg, config_source, _batch(state), has_ema)
+            loaded.data_fingerprint = _data_fingerprint(state)
     log.info('Loaded %s', loaded.describe())
     return loaded
 

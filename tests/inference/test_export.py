@@ -1,6 +1,7 @@
 """Export to a diffusers folder: loads with diffusers and draws the model's own image; dtype; the model card."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -10,12 +11,29 @@ from safetensors import safe_open
 
 from diffusion.inference.export import export_model
 from diffusion.inference.loading import load_checkpoint, load_model
-from diffusion.inference.model_card import license_obligations, read_license_mix
+from diffusion.inference.model_card import ProvenanceMismatchError, license_obligations, read_license_mix
 from diffusion.models import tiny_stable_diffusion_xl
 from diffusion.pipeline.report import write_report
 from tests.conftest import build_tiny_sd
 
 LICENSES = ['CC-BY-4.0'] * 5 + ['CC-BY-NC-SA-2.0'] * 3 + ['CC0-1.0'] * 2
+# The fingerprints (diffusion.data.fingerprint) of the data a report describes and of other data.
+DATA = [{'location': 'data/captioned', 'index_sha256': 'c0ffee' + '0' * 58, 'num_samples': 10}]
+OTHER = [{'location': 'data/demo/train', 'index_sha256': 'abcdef' + '1' * 58, 'num_samples': 4000}]
+LINK = re.compile(r'\]\(([^)\s]*)\)|<([^>\s]+)>')
+
+
+def assert_links_resolve_inside(card_path) -> list[str]:
+    """Every link of the card is an absolute URL or a file inside the export folder; returns the links."""
+    folder = os.path.dirname(os.path.abspath(card_path))
+    links = [a or b for a, b in LINK.findall(open(card_path).read())]
+    for link in links:
+        if re.match(r'^[a-z][a-z0-9+.-]*://', link):
+            continue
+        target = os.path.normpath(os.path.join(folder, link))
+        assert os.path.commonpath([target, folder]) == folder, f'{link} leaves the export folder'
+        assert os.path.isfile(target), f'{link} does not resolve'
+    return links
 
 
 @pytest.fixture(scope='module')
@@ -24,8 +42,9 @@ def model():
     return build_tiny_sd(inference_scheduler='dpm++', prediction_type='v_prediction').eval()
 
 
-def write_provenance(folder) -> dict:
-    """A provenance report of 10 images (5 CC-BY, 3 CC-BY-NC-SA, 2 CC0) as the data pipeline writes it."""
+def write_provenance(folder, fingerprint=DATA) -> dict:
+    """A provenance report of 10 images (5 CC-BY, 3 CC-BY-NC-SA, 2 CC0) as the data pipeline writes it, of the
+    dataset whose fingerprint is ``fingerprint``."""
     kept = {lic: LICENSES.count(lic) for lic in set(LICENSES)}
     stats = [{'stage': 'filter', 'unit': 0, 'seen': 12, 'kept': kept, 'dropped': {'resolution': {'CC-BY-4.0': 2}},
               'dropped_samples': [], 'seconds': 1.0}]  # fmt: skip
@@ -33,7 +52,7 @@ def write_provenance(folder) -> dict:
         {'key': f'img{i}', 'source_url': f'https://example.org/{i}', 'attribution': f'Author {i}', 'license': lic}
         for i, lic in enumerate(LICENSES)
     ]
-    return write_report({'filter': stats}, manifest, str(folder))
+    return write_report({'filter': stats}, manifest, str(folder), fingerprint=fingerprint)
 
 
 def test_exported_folder_loads_in_diffusers_and_draws_the_image_generate_draws(model, tmp_path):
@@ -87,16 +106,28 @@ def test_model_card_states_the_license_mix_obligations_and_links_the_attribution
                              'batch_size': 16, 'resolution': 32},
         'optimizer': {'name': 'adamw', 'lr': 5e-4}, 'algorithms': {'ema': {'half_life': '2ba'}}, 'precision': None,
     })  # fmt: skip
-    # No --provenance: the card finds the report beside the training data (data/captioned -> data/report).
-    written = export_model(model, str(tmp_path / 'export'), config=config, weights='ema', batch=20)
+    # No --provenance: the card finds the report beside the training data (data/captioned -> data/report), and
+    # it describes the data the checkpoint records.
+    written = export_model(
+        model, str(tmp_path / 'export'), config=config, weights='ema', batch=20, data_fingerprint=DATA
+    )
     card = open(written['model_card']).read()
     assert '# cc-tiny' in card and 'library_name: diffusers' in card
     assert '| CC-BY-4.0 | 5 | 50.0% |' in card
     assert '| CC-BY-NC-SA-2.0 | 3 | 30.0% |' in card
     assert '| CC0-1.0 | 2 | 20.0% |' in card
     assert '| **total** | 10 | 100% |' in card
-    assert '[`ATTRIBUTION.txt`](../data/report/ATTRIBUTION.txt)' in card
-    assert os.path.isfile(tmp_path / 'export' / '../data/report/ATTRIBUTION.txt')  # the link resolves
+    # The report and the manifest are shipped in the export folder and linked there.
+    assert '[`ATTRIBUTION.txt`](ATTRIBUTION.txt)' in card and '[`attribution.jsonl`](attribution.jsonl)' in card
+    assert '[`provenance.json`](provenance.json), whose dataset fingerprint matches' in card
+    assert sorted(assert_links_resolve_inside(written['model_card'])) == sorted(
+        ['provenance.json', 'ATTRIBUTION.txt', 'attribution.jsonl']
+    )
+    shipped = (tmp_path / 'export' / 'ATTRIBUTION.txt').read_text()
+    assert shipped == (tmp_path / 'data' / 'report' / 'ATTRIBUTION.txt').read_text()
+    assert (
+        '- Training data (as the checkpoint records it): data/captioned (10 samples, index.json sha256 c0ffee' in card
+    )
     assert '8 of 10 images (80.0%) are under licenses that require crediting' in card
     assert '3 of 10 images (30.0%) are under non-commercial licenses' in card
     assert 'non-commercial only' in card
@@ -115,6 +146,64 @@ def test_model_card_without_a_provenance_report_says_the_mix_is_unknown(model, t
     assert str(tmp_path / 'nowhere' / 'provenance.json') in card  # says where it looked
     assert '| CC-' not in card and 'non-commercial only' not in card
     assert 'License obligations\n\nUnknown' in card
+
+
+def test_a_given_report_of_other_data_is_refused_naming_both_before_anything_is_written(model, tmp_path):
+    write_provenance(tmp_path / 'report', fingerprint=DATA)
+    provenance = str(tmp_path / 'report' / 'provenance.json')
+    with pytest.raises(ProvenanceMismatchError) as error:
+        export_model(model, str(tmp_path / 'export'), provenance=provenance, data_fingerprint=OTHER)
+    message = str(error.value)
+    assert f'{provenance} describes data/captioned (10 samples, index.json sha256 c0ffee000000)' in message
+    assert 'but the model was trained on data/demo/train (4000 samples, index.json sha256 abcdef111111)' in message
+    assert '--force-provenance' in message
+    assert not (tmp_path / 'export').exists()
+
+    # A report or a model without a fingerprint cannot be verified either.
+    write_provenance(tmp_path / 'old', fingerprint=None)
+    with pytest.raises(ProvenanceMismatchError, match='records no fingerprint of the dataset it describes'):
+        export_model(model, str(tmp_path / 'export'), provenance=str(tmp_path / 'old' / 'provenance.json'),
+                     data_fingerprint=OTHER)  # fmt: skip
+    with pytest.raises(ProvenanceMismatchError, match='the model records no fingerprint of its training data'):
+        export_model(model, str(tmp_path / 'export'), provenance=provenance)
+    with pytest.raises(ValueError, match='is not an absolute URL'):
+        export_model(model, str(tmp_path / 'export'), attribution_url='../data/ATTRIBUTION.txt')
+    assert not (tmp_path / 'export').exists()
+
+
+def test_a_forced_report_is_stated_as_unverified_and_the_matching_one_as_the_mix(model, tmp_path):
+    write_provenance(tmp_path / 'report', fingerprint=DATA)
+    provenance = str(tmp_path / 'report' / 'provenance.json')
+    forced = export_model(model, str(tmp_path / 'forced'), provenance=provenance, data_fingerprint=OTHER,
+                          force_provenance=True, attribution_url='https://example.org/ATTRIBUTION.txt')  # fmt: skip
+    card = open(forced['model_card']).read()
+    assert (
+        '**Unverified:** the license mix below describes data/captioned (10 samples, index.json sha256 c0ffee000000), '
+        "which could not be verified to be this model's training data" in card
+    )
+    assert '| CC-BY-4.0 | 5 | 50.0% |' in card and 'whose dataset fingerprint matches' not in card
+    links = assert_links_resolve_inside(forced['model_card'])
+    assert 'https://example.org/ATTRIBUTION.txt' in links and 'provenance.json' in links
+
+    matching = export_model(model, str(tmp_path / 'matching'), provenance=provenance, data_fingerprint=DATA)
+    card = open(matching['model_card']).read()
+    assert 'Unverified' not in card and '| CC-BY-4.0 | 5 | 50.0% |' in card
+    assert 'whose dataset fingerprint matches the one the checkpoint recorded' in card
+    assert_links_resolve_inside(matching['model_card'])
+
+
+def test_a_report_found_beside_the_data_that_describes_other_data_leaves_the_mix_unknown(model, tmp_path):
+    write_provenance(tmp_path / 'data' / 'report', fingerprint=DATA)
+    config = OmegaConf.create({'run_name': 'r', 'model': {'name': 'm'}, 'max_duration': '1ba',
+                               'train_dataloader': {'remote': str(tmp_path / 'data' / 'train')}})  # fmt: skip
+    written = export_model(model, str(tmp_path / 'export'), config=config, data_fingerprint=OTHER)
+    card = open(written['model_card']).read()
+    assert 'The license mix of the training data is **unknown**' in card
+    assert 'describes data/captioned (10 samples, index.json sha256 c0ffee000000), but the model was trained on ' \
+           'data/demo/train (4000 samples, index.json sha256 abcdef111111)' in card  # fmt: skip
+    assert '| CC-' not in card and 'License obligations\n\nUnknown' in card
+    assert not (tmp_path / 'export' / 'provenance.json').exists()
+    assert assert_links_resolve_inside(written['model_card']) == []
 
 
 def test_license_obligations_follow_the_license_elements(tmp_path):

@@ -15,6 +15,7 @@ from PIL import Image
 
 from diffusion.builders import build_trainer
 from diffusion.checkpointing import UntrustedCheckpointError, write_manifest
+from diffusion.data.fingerprint import fingerprint_local
 from diffusion.data.synthetic import write_synthetic_dataset
 from diffusion.inference import export, sample
 from diffusion.inference.loading import load_checkpoint, load_model
@@ -34,7 +35,7 @@ def run(tmp_path_factory):
               'dropped_samples': [], 'seconds': 0.1}]  # fmt: skip
     manifest = [{'key': str(i), 'source_url': f'https://example.org/{i}', 'attribution': 'A', 'license': lic}
                 for i, lic in enumerate(['CC-BY-4.0'] * 20 + ['CC-BY-NC-2.0'] * 4)]  # fmt: skip
-    write_report({'filter': stats}, manifest, str(root / 'data' / 'report'))
+    write_report({'filter': stats}, manifest, str(root / 'data' / 'report'), fingerprint=[fingerprint_local(data)])
     ema = '+algorithms.ema={half_life: 1ba, ema_start: 1ba}'
     training = ('train_dataloader.batch_size=8', 'optimizer.lr=1e-2', 'max_duration=3ba', 'save_interval=3ba')
     cfg = tiny_config(data, str(root / 'run'), ema, *training)
@@ -176,9 +177,10 @@ def test_export_cli_writes_the_ema_weights_the_single_file_and_the_card(run, tmp
         assert torch.equal(value, average[name]), name
 
     card = (out / 'README.md').read_text()
-    # The provenance report was found beside the training data (data/train -> data/report).
+    # The provenance report was found beside the training data (data/train -> data/report), describes the data the
+    # checkpoint trained on, and is shipped in the export folder with the attribution manifest.
     assert '| CC-BY-4.0 | 20 | 83.3% |' in card and '| CC-BY-NC-2.0 | 4 | 16.7% |' in card
-    assert f'({os.path.relpath(run / "data" / "report" / "ATTRIBUTION.txt", out)})' in card
+    assert '[`ATTRIBUTION.txt`](ATTRIBUTION.txt)' in card and (out / 'ATTRIBUTION.txt').is_file()
     assert '- EMA: yes (half_life=1ba, ema_start=1ba)' in card and 'Exported weights: the EMA average' in card
     assert '`cc.safetensors` holds the same weights' in card
 
