@@ -23,6 +23,7 @@ from diffusion.checkpointing import (
     CONFIG_FILENAME,
     CheckpointManifests,
     RunConfigInCheckpoint,
+    StrictModelWeights,
     guard_checkpoint_loading,
 )
 from diffusion.config import validate_config
@@ -195,7 +196,12 @@ def build_trainer(cfg: Any) -> Trainer:
         optimizers=optimizer,
         schedulers=scheduler,
         algorithms=build_plugins('algorithms', cfg.algorithms),
-        callbacks=[*build_plugins('callbacks', cfg.callbacks), CheckpointManifests(), RunConfigInCheckpoint(cfg)],
+        callbacks=[
+            *build_plugins('callbacks', cfg.callbacks),
+            CheckpointManifests(),
+            RunConfigInCheckpoint(cfg),
+            StrictModelWeights(cfg.load_strict_model_weights),
+        ],
         loggers=build_plugins('loggers', cfg.loggers),
         device=device,
         precision=cfg.precision,
@@ -208,6 +214,7 @@ def build_trainer(cfg: Any) -> Trainer:
         save_overwrite=cfg.save_overwrite,
         load_path=cfg.load_path,
         load_weights_only=cfg.load_weights_only,
+        load_strict_model_weights=cfg.load_strict_model_weights,
         autoresume=cfg.autoresume,
         progress_bar=cfg.progress_bar,
         log_to_console=cfg.log_to_console,

@@ -13,6 +13,8 @@ CVE-2026-24747 (memory corruption, fixed in torch 2.10.0). Hence three layers, b
    the ``latest`` symlink points at the checkpoint.
 3. Verification (:func:`validate_checkpoint`): Composer calls it on each file right before unpickling it; a file
    without a manifest, or whose bytes differ from it, is refused.
+4. Complete weights (:class:`StrictModelWeights`): a checkpoint whose model state lacks weights of the model, or
+   holds others, is refused by name unless ``load_strict_model_weights: false``.
 
 What the project shares or takes in otherwise (exported models, pretrained components, latents) is safetensors or
 MDS, which hold no code.
@@ -27,12 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import posixpath
 import re
 import tempfile
 import warnings
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Collection, Optional, Sequence, Union
 
 from composer import Callback
 from composer.callbacks import CheckpointSaver
@@ -40,6 +43,7 @@ from composer.core import State
 from composer.loggers import Logger
 from composer.utils import checkpoint, dist, maybe_create_object_store_from_uri, parse_uri, partial_format
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 __all__ = [
     'CONFIG_FILENAME',
@@ -48,14 +52,19 @@ __all__ = [
     'CheckpointManifests',
     'ManifestCheckpointSaver',
     'RunConfigInCheckpoint',
+    'StrictModelWeights',
     'UntrustedCheckpointError',
     'VALIDATION_FUNCTION',
+    'describe_key_mismatch',
     'guard_checkpoint_loading',
     'is_inside',
+    'model_state_keys',
     'sha256_file',
     'validate_checkpoint',
     'write_manifest',
 ]
+
+log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIX = '.sha256'
 # What Composer's CHECKPOINT_VALIDATION_FUNCTION names: a function `module.function` it imports and calls.
@@ -72,6 +81,8 @@ _CHUNK_BYTES = 16 * 1024 * 1024
 # Digests from the manifests of a remote checkpoint about to be loaded. Composer validates its downloaded copy, a
 # temporary file with no manifest beside it, so the manifests are fetched beforehand. Reset by each guard call.
 _fetched_manifests: dict[str, str] = {}
+# The checkpoint validate_checkpoint passed last: what StrictModelWeights names when the weights do not fit.
+_last_validated: Optional[str] = None
 
 
 class UntrustedCheckpointError(ValueError):
@@ -123,6 +134,7 @@ def validate_checkpoint(path: Union[str, os.PathLike], specs: Optional[Sequence[
     Raises:
         UntrustedCheckpointError: The file has no manifest, or its bytes differ from the manifest.
     """
+    global _last_validated
     del specs
     real = os.path.realpath(path)  # Composer symlinks a local load_path into a temporary folder
     digest = sha256_file(real)
@@ -134,8 +146,10 @@ def validate_checkpoint(path: Union[str, os.PathLike], specs: Optional[Sequence[
             raise UntrustedCheckpointError(
                 f'{real} does not match its manifest {manifest} (tampered or truncated); refusing to unpickle it.'
             )
+        _last_validated = real
         return True
     if digest in _fetched_manifests:
+        _last_validated = _fetched_manifests[digest][: -len(MANIFEST_SUFFIX)]
         return True
     if _fetched_manifests:
         raise UntrustedCheckpointError(
@@ -218,7 +232,9 @@ def guard_checkpoint_loading(cfg: Any) -> None:
     if current not in (None, VALIDATION_FUNCTION):
         warnings.warn(f'Replacing CHECKPOINT_VALIDATION_FUNCTION={current} by {VALIDATION_FUNCTION}.', stacklevel=2)
     os.environ['CHECKPOINT_VALIDATION_FUNCTION'] = VALIDATION_FUNCTION
+    global _last_validated
     _fetched_manifests.clear()
+    _last_validated = None
     if cfg.load_path and parse_uri(cfg.load_path)[0]:
         _fetch_remote_manifests(cfg.load_path)
     if cfg.autoresume and save_folder and parse_uri(save_folder)[0]:
@@ -318,3 +334,90 @@ class RunConfigInCheckpoint(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         del state  # the resumed run's config is the one to record from now on
+
+
+# -- Complete model weights -----------------------------------------------------------------------------------------
+
+
+def describe_key_mismatch(missing: Collection[str], unexpected: Collection[str], shown: int = 3) -> str:
+    """``'286 missing (a, b, c, ...), 2 unexpected (x, y)'``: counts and the first few names of each, sorted."""
+
+    def part(keys: Collection[str], what: str) -> str:
+        keys = sorted(keys)
+        if not keys:
+            return f'0 {what}'
+        return f'{len(keys)} {what} ({", ".join(keys[:shown])}{", ..." if len(keys) > shown else ""})'
+
+    return f'{part(missing, "missing")}, {part(unexpected, "unexpected")}'
+
+
+def model_state_keys(model: nn.Module) -> set[str]:
+    """The names a checkpoint's model state must hold for ``model``, as ``set_model_state_dict`` (which Composer
+    loads with) matches them: without DDP, FSDP, activation-checkpoint and ``torch.compile`` wrapper prefixes.
+
+    Reads names only: no collective, nothing gathered, whatever wraps the model.
+    """
+    # torch's own helpers for set_model_state_dict's matching (pinned torch 2.7.0; private, hence the test).
+    from torch.distributed.checkpoint.state_dict import _get_fqns, _iterate_valid_model_state
+
+    keys: set[str] = set()
+    for name, _ in _iterate_valid_model_state(model):
+        keys.update(_get_fqns(model, name))
+    return keys
+
+
+class StrictModelWeights(Callback):
+    """Refuse a checkpoint whose model state lacks weights of the model or holds weights the model lacks.
+
+    Composer 0.32.1 applies ``load_strict_model_weights`` only with ``load_weights_only``: a resume (``load_path``,
+    ``autoresume``) loads the model with ``strict=False``, and torch's ``set_model_state_dict`` returns without
+    loading anything when the model state is empty. Either way training went on from random weights, rc 0. At
+    ``INIT``, before the Trainer loads a checkpoint, this wraps the state's ``load_model_state`` (which every
+    Composer load goes through) so that it first compares the checkpoint's weight names with the model's: a
+    mismatch raises a ``ValueError`` naming the checkpoint, the counts and a few names of each, or, with
+    ``strict=False``, is logged as a warning. Sharded checkpoints are read into the model's own names, so a weight
+    missing from one already fails in ``torch.distributed.checkpoint``.
+
+    Args:
+        strict (bool): Refuse a mismatch (the ``load_strict_model_weights`` config key). Default: ``True``.
+    """
+
+    def __init__(self, strict: bool = True):
+        self.strict = strict
+
+    def init(self, state: State, logger: Logger) -> None:
+        del logger  # unused
+        load_model_state = state.load_model_state
+        load_state_dict = state.load_state_dict
+
+        def checked_load_model_state(state_dict: dict[str, Any], logger: Logger, strict: bool, **kwargs: Any) -> Any:
+            del strict  # Composer passes False on every resume
+            self.check(state, state_dict.get('model'))
+            return load_model_state(state_dict, logger, strict=self.strict, **kwargs)
+
+        def checked_load_state_dict(state_dict: dict[str, Any], logger: Logger, *args: Any, **kwargs: Any) -> Any:
+            if 'model' not in state_dict:  # Composer then loads no weights at all
+                self.check(state, {})
+            return load_state_dict(state_dict, logger, *args, **kwargs)
+
+        state.load_model_state = checked_load_model_state  # type: ignore[method-assign]
+        state.load_state_dict = checked_load_state_dict  # type: ignore[method-assign]
+
+    def check(self, state: State, model_state: Optional[dict[str, Any]]) -> None:
+        """Raise (or warn) when ``model_state``'s names differ from the model's."""
+        if model_state is None:
+            if state.load_monolith_rank0_only and dist.get_global_rank() != 0:
+                return  # an FSDP monolithic load: only rank 0 reads the weights
+            model_state = {}
+        expected = model_state_keys(state.model)
+        missing, unexpected = expected - set(model_state), set(model_state) - expected
+        if not missing and not unexpected:
+            return
+        where = _last_validated or 'The checkpoint being loaded'
+        message = f"{where} does not hold the model's weights: {describe_key_mismatch(missing, unexpected)}."
+        if self.strict:
+            raise ValueError(
+                f'{message} Loading it would leave the missing weights as initialised; set '
+                'load_strict_model_weights=false to load it anyway (e.g. into a model with new adapters).'
+            )
+        log.warning('%s Loading it anyway (load_strict_model_weights=false).', message)

@@ -38,6 +38,9 @@ class TrainConfig:
         load_trusted: Allow a ``load_path`` outside ``save_folder``. Checkpoints are pickles, which run code when
             loaded: set it only for a file you trust (it must still match its SHA-256 manifest, see
             :mod:`diffusion.checkpointing`).
+        load_strict_model_weights: Refuse a checkpoint whose model state lacks some of the model's weights or holds
+            others, naming them (Composer's own flag of that name applies only with ``load_weights_only``, and an
+            empty model state loaded nothing, silently). ``false`` loads the weights that match and warns.
     """
 
     model: Dict[str, Any] = MISSING
@@ -65,6 +68,7 @@ class TrainConfig:
     load_path: Optional[str] = None
     load_trusted: bool = False
     load_weights_only: bool = False
+    load_strict_model_weights: bool = True
     autoresume: bool = False
     progress_bar: bool = True
     log_to_console: bool = False

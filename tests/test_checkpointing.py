@@ -418,3 +418,57 @@ def test_pretrained_components_must_be_safetensors(tmp_path, marker):
     with pytest.raises(OSError, match='no file named diffusion_pytorch_model.safetensors'):
         build_tiny_sd(pretrained_model_name_or_path=str(tmp_path), pretrained_components=['unet'])
     assert not marker.exists()
+
+
+# The model's weights must all be in the checkpoint, and nothing else.
+
+
+def damage_model_state(path: pathlib.Path, damage: str) -> list[str]:
+    """Rewrite our own checkpoint at ``path`` with its model state emptied, cut or extended, and vouch for it; returns
+    the names of the weights it held."""
+    contents = torch.load(path, map_location='cpu', weights_only=False)
+    model = contents['state']['model']
+    names = sorted(model)
+    if damage == 'empty':
+        contents['state']['model'] = {}
+    elif damage == 'partial':
+        contents['state']['model'] = {k: v for k, v in model.items() if not k.startswith('unet.')}
+    else:
+        model['unet.extra.weight'] = torch.zeros(1)
+        model['unet.extra.bias'] = torch.zeros(1)
+    torch.save(contents, path)
+    write_manifest(path)
+    return names
+
+
+@pytest.mark.parametrize(
+    'damage, how',
+    [('empty', 'load_path'), ('partial', 'load_path'), ('unexpected', 'load_path'), ('empty', 'autoresume'),
+     ('partial', 'load_weights_only')],
+)  # fmt: skip
+def test_a_checkpoint_without_the_models_weights_is_refused(synthetic_dataset, run_copy, damage, how):
+    # Composer resumes with strict=False and torch skips an empty model state: both started from random weights.
+    path = run_copy / 'checkpoints' / CHECKPOINT
+    names = damage_model_state(path, damage)
+    unet = [name for name in names if name.startswith('unet.')]
+    overrides = {'load_path': [f'load_path={path}'], 'autoresume': ['autoresume=true'],
+                 'load_weights_only': [f'load_path={path}', 'load_weights_only=true']}[how]  # fmt: skip
+    expected = {
+        'empty': f'{len(names)} missing ({", ".join(names[:3])}, ...), 0 unexpected.',
+        'partial': f'{len(unet)} missing ({", ".join(unet[:3])}, ...), 0 unexpected.',
+        'unexpected': '0 missing, 2 unexpected (unet.extra.bias, unet.extra.weight).',
+    }[damage]
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))} does not hold the model's weights: ") as error:
+        build_trainer(run_config(synthetic_dataset, run_copy, 'max_duration=3ba', *overrides))
+    assert expected in str(error.value)
+    assert 'load_strict_model_weights=false' in str(error.value)
+
+
+def test_load_strict_model_weights_false_loads_a_partial_checkpoint_with_a_warning(synthetic_dataset, run_copy, caplog):
+    path = run_copy / 'checkpoints' / CHECKPOINT
+    damage_model_state(path, 'partial')
+    overrides = (f'load_path={path}', 'load_strict_model_weights=false', 'max_duration=3ba')
+    trainer = build_trainer(run_config(synthetic_dataset, run_copy, *overrides))
+    assert int(trainer.state.timestamp.batch) == 2
+    assert re.search(r"does not hold the model's weights: \d+ missing \(unet\.", caplog.text)
+    trainer.close()
