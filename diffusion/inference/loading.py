@@ -34,6 +34,7 @@ from diffusion.checkpointing import (
     MANIFEST_SUFFIX,
     RunConfigInCheckpoint,
     UntrustedCheckpointError,
+    describe_key_mismatch,
     validate_checkpoint,
 )
 from diffusion.config import load_config, validate_config
@@ -242,7 +243,8 @@ def load_checkpoint(
         FileNotFoundError: The checkpoint does not exist, or no run config was found (the message lists the paths
             searched).
         UntrustedCheckpointError: The checkpoint has no SHA-256 manifest or differs from it.
-        ValueError: The checkpoint's tensors do not fit the model its config builds.
+        ValueError: The checkpoint's tensors do not fit the model its config builds: weights missing or unexpected
+            (the message counts them and names a few) or of other shapes.
     """
     if not parse_uri(checkpoint)[0] and is_diffusers_folder(checkpoint):
         if config is not None:
@@ -254,9 +256,15 @@ def load_checkpoint(
             cfg, config_source = _resolve_config(checkpoint, config, state)
             model = build_model(cfg.model)
             weights, kind = _checkpoint_weights(state, use_ema)
+            expected = set(model.state_dict())
+            if set(weights) != expected:  # named, counted and cut short: torch's own message lists every key
+                mismatch = describe_key_mismatch(expected - set(weights), set(weights) - expected)
+                raise ValueError(
+                    f'{checkpoint} does not fit the model built from its config ({config_source}): {mismatch}.'
+                )
             try:
                 model.load_state_dict(weights, strict=True)
-            except RuntimeError as error:
+            except RuntimeError as error:  # the names fit, the shapes do not
                 raise ValueError(
                     f'{checkpoint} does not fit the model built from its config ({config_source}): {error}'
                 ) from None

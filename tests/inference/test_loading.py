@@ -213,3 +213,21 @@ def test_a_checkpoint_on_s3_is_fetched_with_its_manifest(run, s3_server, tmp_pat
         assert torch.equal(value, average[name]), name
     with pytest.raises(FileNotFoundError, match=r'Checkpoint not found: s3://test-bucket/runs/b/ckpt\.pt'):
         load_model('s3://test-bucket/runs/b/ckpt.pt')
+
+
+@pytest.mark.parametrize('damage', ['empty', 'partial', 'unexpected'])
+def test_a_checkpoint_whose_weights_do_not_fit_names_a_few_keys_and_counts(run, tmp_path, damage):
+    from tests.test_checkpointing import damage_model_state
+
+    path = tmp_path / 'damaged.pt'
+    shutil.copy(run / CHECKPOINT, path)
+    names = damage_model_state(path, damage)
+    unet = [name for name in names if name.startswith('unet.')]
+    expected = {
+        'empty': f'{len(names)} missing ({", ".join(names[:3])}, ...), 0 unexpected.',
+        'partial': f'{len(unet)} missing ({", ".join(unet[:3])}, ...), 0 unexpected.',
+        'unexpected': '0 missing, 2 unexpected (unet.extra.bias, unet.extra.weight).',
+    }[damage]
+    with pytest.raises(ValueError, match=r'damaged\.pt does not fit the model built from its config') as error:
+        load_model(str(path))
+    assert expected in str(error.value) and len(str(error.value)) < 600
