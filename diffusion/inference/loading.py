@@ -4,9 +4,11 @@ A Composer checkpoint is a pickle, so it is fetched with Composer's ``get_file``
 URIs alike), checked against its SHA-256 manifest by :func:`diffusion.checkpointing.validate_checkpoint` and only
 then unpickled (memory-mapped, so the optimizer state it also holds is never read). The model is rebuilt from the
 run's config, which :class:`~diffusion.checkpointing.RunConfigInCheckpoint` embeds in every checkpoint (older ones
-fall back to the ``config.yaml`` that :func:`diffusion.builders.build_trainer` writes in the run folder), and gets
-the checkpoint's weights: the EMA average when Composer's ``EMA`` (``ema``, :class:`~diffusion.algorithms.ShardedEMA`)
-ran, else the training weights. Composer swaps the EMA weights into the model before each save and keeps the
+fall back to the ``config.yaml`` that :func:`diffusion.builders.build_trainer` writes in the run folder), with the
+components the run loaded from a pretrained folder rebuilt from the checkpoint
+(:mod:`diffusion.callbacks.pretrained_components`), so that folder is not needed, and gets the checkpoint's weights:
+the EMA average when Composer's ``EMA`` (``ema``, :class:`~diffusion.algorithms.ShardedEMA`) ran, else the training
+weights. Composer swaps the EMA weights into the model before each save and keeps the
 training weights in the algorithm's state (``ema_weights_active`` says which is where), so both are found whichever
 way round they were saved.
 
@@ -28,6 +30,7 @@ from composer.utils import get_file, parse_uri
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.builders import build_model
+from diffusion.callbacks.pretrained_components import pretrained_folder_from_checkpoint
 from diffusion.checkpointing import (
     CONFIG_FILENAME,
     LATEST_CHECKPOINT,
@@ -227,6 +230,22 @@ def _batch(state: dict[str, Any]) -> Optional[int]:
     return int(value) if value is not None else None
 
 
+def _self_contained(model_cfg: Any, state: dict[str, Any], weights: dict[str, torch.Tensor], folder: str) -> Any:
+    """The model config with its pretrained folder replaced by one rebuilt from the checkpoint, when the checkpoint
+    records its pretrained components (:mod:`diffusion.callbacks.pretrained_components`): the model then builds
+    whether or not the original folder still exists, from any working directory and without a model hub."""
+    pretrained = pretrained_folder_from_checkpoint(model_cfg, state, weights, os.path.join(folder, 'pretrained'))
+    if pretrained is None:
+        return model_cfg
+    components = sorted(os.listdir(pretrained))
+    log.info(
+        'Pretrained %s rebuilt from the checkpoint, not read from %s.',
+        components,
+        model_cfg.pretrained_model_name_or_path,
+    )
+    return OmegaConf.merge(model_cfg, {'pretrained_model_name_or_path': pretrained})
+
+
 def _data_fingerprint(state: dict[str, Any]) -> Optional[list[dict[str, Any]]]:
     """The training data's fingerprint from the train dataset's state, which Composer saves as ``dataset_state``."""
     train = (state.get('dataset_state') or {}).get('train')
@@ -254,8 +273,8 @@ def load_checkpoint(
         with tempfile.TemporaryDirectory() as folder:
             state = _read_state(_fetch(checkpoint, folder))
             cfg, config_source = _resolve_config(checkpoint, config, state)
-            model = build_model(cfg.model)
             weights, kind = _checkpoint_weights(state, use_ema)
+            model = build_model(_self_contained(cfg.model, state, weights, folder))
             expected = set(model.state_dict())
             if set(weights) != expected:  # named, counted and cut short: torch's own message lists every key
                 mismatch = describe_key_mismatch(expected - set(weights), set(weights) - expected)
