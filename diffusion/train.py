@@ -6,6 +6,7 @@ This is the top of the package, beside the other command-line entry points (:mod
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Optional
 
@@ -21,6 +22,7 @@ from diffusion.builders import (
     check_sections,
 )
 from diffusion.config import load_config
+from diffusion.utils import ConfigError
 
 __all__ = [
     'main',
@@ -44,9 +46,18 @@ def train(cfg: Any) -> Trainer:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Command line: ``train.py <config.yaml> [override ...]`` (Hydra override grammar)."""
+    """Command line: ``train.py <config.yaml> [override ...]`` (Hydra override grammar).
+
+    A config that cannot work (:class:`~diffusion.utils.ConfigError`: an unknown key, a wrong value, a bucket
+    without credentials) ends the command with one line naming the key, exit code 2.
+    """
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ('-h', '--help'):
         print('usage: composer train.py yamls/<config>.yaml [key=value ...]')
         raise SystemExit(0 if argv else 2)
-    train(load_config(argv[0], argv[1:]))
+    try:
+        train(load_config(argv[0], argv[1:]))
+    except ConfigError as error:
+        if os.environ.get('LOCAL_RANK', '0') == '0':  # every rank refuses alike; one line per machine is enough
+            print(f'error: {error}', file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

@@ -1,14 +1,61 @@
-"""Small helpers shared across the package: named registries, config-key checks against builders, unwrapping DDP."""
+"""Small helpers shared across the package: named registries, config-key and value checks against builders,
+writable output folders, unwrapping DDP."""
 
 from __future__ import annotations
 
+import collections.abc
+import enum
 import inspect
-from typing import Any, Callable, Collection, Mapping, Optional
+import os
+import pathlib
+import tempfile
+import types
+import typing
+from typing import Any, Callable, Collection, Literal, Mapping, Optional, Union
 
 import catalogue
+from composer.core import Time
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ['Registry', 'accepted_keys', 'check_kwargs', 'forwards_kwargs', 'unwrap_model']
+__all__ = [
+    'ConfigError',
+    'Registry',
+    'TIME_STRINGS',
+    'accepted_keys',
+    'check_kwargs',
+    'check_value',
+    'check_writable_folder',
+    'describe_type',
+    'forwards_kwargs',
+    'is_time_string',
+    'parameter_types',
+    'unwrap_model',
+]
+
+
+class ConfigError(ValueError):
+    """A config (or command-line) value that cannot work; the message is one line naming the key and what it takes.
+
+    The commands print it as that one line instead of a traceback.
+    """
+
+
+# What a Composer duration or interval accepts, for messages.
+TIME_STRINGS = (
+    'a Composer time string such as 10ba (batches), 1ep (epochs), 1000sp (samples) or 0.5dur (a fraction of '
+    'max_duration)'
+)
+
+
+def is_time_string(value: Any) -> bool:
+    """Whether ``value`` is a string that Composer reads as a time (``'10ba'``, ``'1ep'``, ``'0.5dur'``)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        Time.from_timestring(value)
+    except ValueError:
+        return False
+    return True
 
 
 def forwards_kwargs(*targets: Callable, exclude: Collection[str] = ()) -> Callable:
@@ -42,22 +89,184 @@ def accepted_keys(builder: Callable) -> tuple[list[str], bool]:
     return names, accepts_any
 
 
+def parameter_types(builder: Callable) -> dict[str, Any]:
+    """The annotation of each keyword ``builder`` accepts, following :func:`forwards_kwargs`.
+
+    Annotations that cannot be resolved (a name imported only for type checkers) are left out, and so unchecked.
+    """
+    params = inspect.signature(builder).parameters
+    target = builder.__init__ if inspect.isclass(builder) else builder
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # noqa: BLE001 - any failure to resolve leaves the values unchecked, never fails the build
+        hints = {n: p.annotation for n, p in params.items() if not isinstance(p.annotation, str)}
+    found = {}
+    for name, param in params.items():
+        if name in hints and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            found[name] = hints[name]
+            # Composer types many durations as plain strings (EMA's half_life='1000ba', ema_start='0.0dur'): a string
+            # parameter with a time default, or named an interval, takes a time string.
+            if hints[name] in (str, Optional[str]) and (is_time_string(param.default) or name.endswith('interval')):
+                found[name] = Union[str, Time, None] if hints[name] == Optional[str] else Union[str, Time]
+    forwarded = getattr(builder, '__forwards_kwargs__', None)
+    if forwarded is not None and any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        targets, exclude = forwarded
+        for forwarded_to in targets:
+            for name, annotation in parameter_types(forwarded_to).items():
+                if name not in exclude:
+                    found.setdefault(name, annotation)
+    return found
+
+
+_SEQUENCES = (
+    list,
+    tuple,
+    set,
+    frozenset,
+    collections.abc.Sequence,
+    collections.abc.MutableSequence,
+    collections.abc.Collection,
+    collections.abc.Iterable,
+    collections.abc.Set,
+)
+_MAPPINGS = (dict, collections.abc.Mapping, collections.abc.MutableMapping)
+
+
+def _is_union(origin: Any) -> bool:
+    return origin is Union or origin is types.UnionType
+
+
+def _matches(value: Any, annotation: Any, alone: bool = True) -> bool:
+    """Whether a config value fits ``annotation``; ``alone`` is false inside a union with other members."""
+    if annotation is Any or annotation is inspect.Parameter.empty or isinstance(annotation, typing.TypeVar):
+        return True
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if _is_union(origin):
+        if Time in args and isinstance(value, str):
+            return is_time_string(value)
+        return any(_matches(value, arg, alone=False) for arg in args)
+    if origin is Literal:
+        return value in args
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if annotation is Time:
+        return isinstance(value, Time) or is_time_string(value)
+    base = origin or annotation
+    if base in _SEQUENCES:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (collections.abc.Sequence, collections.abc.Set)):
+            return False
+        if base is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+        return not args or all(_matches(v, args[0]) for v in value)
+    if base in _MAPPINGS:
+        return isinstance(value, collections.abc.Mapping) and (
+            len(args) != 2 or all(_matches(v, args[1]) for v in value.values())
+        )
+    if isinstance(base, type):
+        if isinstance(value, base):
+            return True
+        if issubclass(base, enum.Enum):
+            return any(value in (member.value, member.name) for member in base)
+        if issubclass(base, pathlib.PurePath):
+            return isinstance(value, str)
+        # A class a config cannot spell (a tokenizer, a tensor): alone, the builder may convert the value; beside
+        # config types in a union (float or Tensor), the value must be one of those.
+        return alone
+    return True  # Callable, Protocols and other forms: not checked
+
+
+def _spellable(annotation: Any) -> bool:
+    """Whether a yaml value can be of this type: not a class such as a Tensor or a tokenizer."""
+    base = typing.get_origin(annotation) or annotation
+    if not isinstance(base, type) or base in (bool, int, float, str, Time, *_SEQUENCES, *_MAPPINGS):
+        return True
+    return issubclass(base, (enum.Enum, pathlib.PurePath))
+
+
+def describe_type(annotation: Any) -> str:
+    """What ``annotation`` accepts, in config words: ``'an integer'``, ``'true or false'``, ``'a list of ...'``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if _is_union(origin):
+        if Time in args:
+            return TIME_STRINGS
+        # Classes a config cannot spell (the Tensor of `float or Tensor`) are left out when a config type is there.
+        spellable = [arg for arg in args if arg is not type(None) and _spellable(arg)]
+        parts = []
+        for arg in spellable or [arg for arg in args if arg is not type(None)]:
+            if describe_type(arg) not in parts:
+                parts.append(describe_type(arg))
+        described = ' or '.join(parts)
+        return f'{described} or null' if type(None) in args else described
+    if origin is Literal:
+        return 'one of ' + ', '.join(repr(a) for a in args)
+    names = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string', type(None): 'null'}
+    if annotation in names:
+        return names[annotation]
+    if annotation is Time:
+        return TIME_STRINGS
+    base = origin or annotation
+    if base in _SEQUENCES:
+        element = args[0] if args and (base is not tuple or args[-1] is Ellipsis or len(set(args)) == 1) else None
+        if base is tuple and args and args[-1] is not Ellipsis:
+            return f'a list of {len(args)} values ({", ".join(describe_type(a) for a in args)})'
+        return 'a list' + (f' ({describe_type(element)} each)' if element not in (None, Any) else '')
+    if base in _MAPPINGS:
+        return 'a mapping of keys to values'
+    if isinstance(base, type) and issubclass(base, enum.Enum):
+        return 'one of ' + ', '.join(repr(member.value) for member in base)
+    return f'a {getattr(base, "__name__", str(base))}'
+
+
+def check_value(value: Any, annotation: Any, *, where: str) -> None:
+    """Raise a :class:`ConfigError` when ``value`` does not fit ``annotation``, naming ``where`` and what it takes."""
+    if not _matches(value, annotation):
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + '...'
+        raise ConfigError(f'Invalid {where}={shown}: expected {describe_type(annotation)}.')
+
+
 def check_kwargs(builder: Callable, kwargs: Mapping[str, Any], *, where: str, provided: Collection[str] = ()) -> None:
-    """Raise a ``ValueError`` naming the first key of ``kwargs`` that ``builder`` does not accept.
+    """Raise a :class:`ConfigError` naming the first key of ``kwargs`` that ``builder`` does not accept, or whose
+    value does not fit the annotation of its parameter (``batch_size: int`` given ``'sixteen'``).
 
     Args:
-        builder (Callable): Function or class whose signature decides the valid keys.
+        builder (Callable): Function or class whose signature decides the valid keys and their types.
         kwargs (Mapping[str, Any]): Keyword arguments from a config.
         where (str): Config path of ``kwargs``, used in the message (e.g. ``'algorithms.ema'``).
         provided (Collection[str]): Keys that the code supplies itself; a config may not set them.
     """
     names, accepts_any = accepted_keys(builder)
     valid = [n for n in names if n not in provided]
-    for key in kwargs:
+    annotations = parameter_types(builder)
+    for key, value in kwargs.items():
         if key in provided:
-            raise ValueError(f'{where}.{key} is set by the trainer and cannot be given in the config.')
+            raise ConfigError(f'{where}.{key} is set by the trainer and cannot be given in the config.')
         if key not in valid and not accepts_any:
-            raise ValueError(f'Unknown key {where}.{key}. Valid keys: {", ".join(valid) or "(none)"}.')
+            raise ConfigError(f'Unknown key {where}.{key}. Valid keys: {", ".join(valid) or "(none)"}.')
+        if key in annotations:
+            check_value(value, annotations[key], where=f'{where}.{key}')
+
+
+def check_writable_folder(folder: str, *, what: str) -> None:
+    """Raise a :class:`ConfigError` naming ``folder`` unless a file can be written in it (it is created if missing).
+
+    Commands call it before loading a model, which takes minutes for SD2, so that a typo or a read-only disk fails
+    at once. ``what`` names the option in the message (``'--out'``).
+    """
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix='.write-check-'):
+            pass
+    except OSError as error:
+        raise ConfigError(f'{what} {folder}: cannot write there ({error.strerror or error}).') from None
 
 
 def unwrap_model(model: Any) -> Any:
@@ -88,9 +297,9 @@ class Registry:
             self.register(name, func=builder)
 
     def get(self, name: str) -> Callable:
-        """Return the builder registered as ``name``, or raise a ``ValueError`` listing the valid names."""
+        """Return the builder registered as ``name``, or raise a :class:`ConfigError` listing the valid names."""
         if name not in self._registry:
-            raise ValueError(f'Unknown {self.name} name {name!r}. Valid names: {", ".join(self.names())}.')
+            raise ConfigError(f'Unknown {self.name} name {name!r}. Valid names: {", ".join(self.names())}.')
         return self._registry.get(name)
 
     def names(self) -> list[str]:
@@ -114,5 +323,6 @@ class Registry:
         return self.get(name)(**kwargs, **extra)
 
     def check(self, name: str, kwargs: Optional[Mapping[str, Any]] = None, *, where: str = '', provided=()) -> None:
-        """Raise a ``ValueError`` if ``name`` is unknown or ``kwargs`` has a key its builder does not take."""
+        """Raise a :class:`ConfigError` if ``name`` is unknown, or ``kwargs`` has a key its builder does not take or a
+        value that does not fit the key's annotation."""
         check_kwargs(self.get(name), kwargs or {}, where=where or f'{self.name}.{name}', provided=provided)
