@@ -27,9 +27,10 @@ from diffusion.checkpointing import (
     StrictModelWeights,
     guard_checkpoint_loading,
 )
-from diffusion.config import validate_config
+from diffusion.config import check_s3_credentials, validate_config
 from diffusion.models.adapters import apply_adapters
 from diffusion.parallelism import check_parallelism_config, resolve_parallelism
+from diffusion.utils import ConfigError
 
 __all__ = [
     'RestoreRngMidEpoch',
@@ -38,6 +39,7 @@ __all__ = [
     'build_optimizer',
     'build_plugins',
     'build_trainer',
+    'check_resolution',
     'check_sections',
 ]
 
@@ -137,6 +139,30 @@ def _check_model_components(kwargs: dict[str, Any]) -> None:
             component_registry.check(section['name'], options, where=f'model.{key}', provided=('pretrained', 'load'))
 
 
+def check_resolution(cfg: DictConfig, model: Any) -> None:
+    """Refuse a dataloader ``resolution`` that is not a multiple of the model's VAE factor (pixels per latent).
+
+    Such images do not map to whole latents: the VAE rounds them and the run trains on what it was not asked to.
+    The factor is known once the model is built (it follows the autoencoder's config or pretrained folder), so this
+    runs right after the model, before the dataloaders and the Trainer.
+    """
+    factor = getattr(model, 'vae_scale_factor', None)
+    if not isinstance(factor, int) or factor <= 1:
+        return
+    for section in ('train_dataloader', 'eval_dataloader'):
+        kwargs = _section(cfg[section])
+        resolution = kwargs.get('resolution')
+        if not kwargs or kwargs.get('aspect_buckets') is not None or not isinstance(resolution, int):
+            continue  # unset (the builder's default), or buckets, whose sides are checked with the buckets
+        if resolution % factor:
+            lower, upper = resolution // factor * factor, (resolution // factor + 1) * factor
+            nearest = f'{lower} or {upper}' if lower else str(upper)
+            raise ConfigError(
+                f'Invalid {section}.resolution={resolution}: expected a multiple of {factor}, the VAE factor of '
+                f'{cfg.model.name} (its vae_scale_factor, pixels per latent side), e.g. {nearest}.'
+            )
+
+
 class RestoreRngMidEpoch(Callback):
     """Restore a mid-epoch checkpoint's RNG state just before the first resumed batch is fetched.
 
@@ -168,6 +194,7 @@ def build_trainer(cfg: Any) -> Trainer:
     """Validate ``cfg`` and build the Trainer (nothing is trained)."""
     cfg = validate_config(cfg)
     check_sections(cfg)
+    check_s3_credentials(cfg)  # before any bucket is reached (streaming and Composer would retry without naming it)
     guard_checkpoint_loading(cfg)  # before the Trainer, which loads any checkpoint
     device = cfg.device or ('gpu' if torch.cuda.is_available() else 'cpu')
     dist.initialize_dist(DeviceGPU() if device == 'gpu' else DeviceCPU(), cfg.dist_timeout)
@@ -178,6 +205,7 @@ def build_trainer(cfg: Any) -> Trainer:
             OmegaConf.save(cfg, os.path.join(cfg.run_folder, CONFIG_FILENAME))
 
     model = build_model(cfg.model)
+    check_resolution(cfg, model)
     train_dataloader = build_dataloader(cfg.train_dataloader, model, 'train_dataloader')
     eval_dataloader = None
     if cfg.eval_dataloader:
