@@ -30,6 +30,7 @@ from diffusion.inference.model_card import (
 )
 from diffusion.models.adapters import merge_adapters
 from diffusion.models.single_file import save_single_file
+from diffusion.utils import ConfigError, check_writable_folder
 
 __all__ = ['DTYPES', 'PICKLE_SUFFIXES', 'export_model', 'main']
 
@@ -143,6 +144,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, str]:
     args = build_parser().parse_args(argv)
     if args.provenance is not None and not os.path.isfile(args.provenance):
         raise SystemExit(f'error: --provenance {args.provenance} does not exist')
+    try:  # before the model loads, which takes minutes for SD2
+        check_writable_folder(args.out, what='--out')
+        if args.single_file and os.path.dirname(args.single_file):  # a bare name goes into --out
+            check_writable_folder(os.path.dirname(args.single_file), what='--single-file')
+    except ConfigError as error:
+        raise SystemExit(f'error: {error}') from None
     loaded = load_checkpoint(args.checkpoint, args.config, use_ema=not args.no_ema, device=args.device)
     print(f'Loaded {loaded.describe()}')
     try:

@@ -27,6 +27,7 @@ from diffusion.evaluation.prompts import load_prompt_set
 from diffusion.evaluation.sample_folder import CONTACT_SHEET, SAMPLES_FILE, image_filename, read_samples_file
 from diffusion.inference.loading import load_checkpoint
 from diffusion.models.noise import INFERENCE_SCHEDULERS
+from diffusion.utils import ConfigError, check_writable_folder
 
 __all__ = ['CONTACT_SHEET', 'SAMPLES_FILE', 'image_filename', 'main', 'sample_to_folder', 'write_contact_sheet']
 
@@ -327,6 +328,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     args = build_parser().parse_args(argv)
     seeds = _seeds(args)
     prompts = load_prompt_set(args.prompts, category=args.category, limit=args.limit)
+    try:  # before the model loads, which takes minutes for SD2
+        check_writable_folder(args.out, what='--out')
+    except ConfigError as error:
+        raise SystemExit(f'error: {error}') from None
     loaded = load_checkpoint(args.checkpoint, args.config, use_ema=not args.no_ema, device=args.device)
     print(f'Loaded {loaded.describe()}')
     conditioning = _conditioning(args, loaded.model)

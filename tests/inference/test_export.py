@@ -242,3 +242,19 @@ def test_sdxl_export_loads_in_diffusers_and_back_and_draws_the_same_image(tmp_pa
     again = load_model(str(tmp_path / 'xl'))
     assert type(again.conditioner).__name__ == 'SDXLTextConditioner' and again.objective.default_scheduler == 'euler'
     assert torch.equal(again.generate(prompts, seed=[4, 9], num_inference_steps=2, guidance_scale=3.0), ours)
+
+
+@pytest.mark.parametrize('flag', ['--out', '--single-file'])
+def test_an_output_that_cannot_be_written_is_named_before_the_model_loads(flag, tmp_path, monkeypatch):
+    from diffusion.inference import export as export_module
+
+    def load_checkpoint(*args, **kwargs):
+        raise AssertionError('the model was loaded before the output folder was checked')
+
+    monkeypatch.setattr(export_module, 'load_checkpoint', load_checkpoint)
+    (tmp_path / 'file').write_text('')
+    blocked = tmp_path / 'file' / 'export'
+    args = {'--out': str(tmp_path / 'export'), '--single-file': str(tmp_path / 'model.safetensors')}
+    args[flag] = str(blocked / 'model.safetensors') if flag == '--single-file' else str(blocked)
+    with pytest.raises(SystemExit, match=rf'^error: {flag} {blocked}: cannot write there \(Not a directory\)\.$'):
+        export_module.main(['--checkpoint', 'x', *(item for pair in args.items() for item in pair)])

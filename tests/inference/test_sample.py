@@ -182,3 +182,18 @@ def test_cli_passes_sdxl_micro_conditioning_and_refuses_it_for_sd2(model, tmp_pa
         main(
             ['--checkpoint', str(tmp_path / 'sd2'), '--out', str(tmp_path / 'o2'), *common, '--target-size', '16', '16']
         )
+
+
+def test_an_output_folder_that_cannot_be_written_is_named_before_the_model_loads(tmp_path, monkeypatch):
+    # Loading an SD2 checkpoint takes minutes: a wrong --out must fail first. A file in the path blocks it even for
+    # root, whom permission bits do not stop.
+    def load_checkpoint(*args, **kwargs):
+        raise AssertionError('the model was loaded before the output folder was checked')
+
+    monkeypatch.setattr(sample_module, 'load_checkpoint', load_checkpoint)
+    prompts = tmp_path / 'prompts.txt'
+    prompts.write_text('a red circle\n')
+    (tmp_path / 'file').write_text('')
+    out = tmp_path / 'file' / 'samples'
+    with pytest.raises(SystemExit, match=rf'^error: --out {out}: cannot write there \(Not a directory\)\.$'):
+        main(['--checkpoint', 'x', '--prompts', str(prompts), '--out', str(out)])
