@@ -39,8 +39,8 @@ class TrainConfig:
         parallelism_config: Composer's parallelism config, e.g. ``{fsdp: {sharding_strategy: FULL_SHARD}}``.
         algorithms, callbacks, loggers: ``{<registry name>: {**kwargs}}``.
         load_trusted: Allow a ``load_path`` outside ``save_folder``. Checkpoints are pickles, which run code when
-            loaded: set it only for a file you trust (it must still match its SHA-256 manifest, see
-            :mod:`diffusion.checkpointing`).
+            loaded: set it only for a file you trust (it must still carry a manifest signed with the checkpoint key,
+            see :mod:`diffusion.checkpointing`).
         load_strict_model_weights: Refuse a checkpoint whose model state lacks some of the model's weights or holds
             others, naming them (Composer's own flag of that name applies only with ``load_weights_only``, and an
             empty model state loaded nothing, silently). ``false`` loads the weights that match and warns.

@@ -188,6 +188,24 @@ def synthetic_dataset(tmp_path_factory) -> str:
     return out
 
 
+@pytest.fixture(scope='session', autouse=True)
+def checkpoint_key(tmp_path_factory) -> str:
+    """The checkpoint signing key of this test session: a file under the session's temporary folder.
+
+    Checkpoints are signed with a key kept outside every run folder, by default in the user's config folder
+    (:mod:`diffusion.checkpointing`); tests never read nor create that one. The variables are set in this process's
+    environment, so the ``composer`` runs the tests launch (:func:`subprocess_env`) sign and verify with the same key.
+    """
+    from diffusion.checkpointing import KEY_ENV, KEY_FILE_ENV
+
+    folder = tmp_path_factory.mktemp('checkpoint_key')
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(KEY_ENV, raising=False)
+        patch.setenv(KEY_FILE_ENV, str(folder / 'checkpoint.key'))
+        patch.setenv('XDG_CONFIG_HOME', str(folder / 'config'))  # the default key file, should anything fall back
+        yield str(folder / 'checkpoint.key')
+
+
 @pytest.fixture(autouse=True)
 def seed_everything():
     random.seed(0)

@@ -1,17 +1,23 @@
-"""Safe checkpoint loading: manifests at save time, refusal of untrusted, tampered or planted pickles before load.
+"""Safe checkpoint loading: signed manifests at save time, refusal of untrusted, tampered or planted pickles on load.
 
 Every refusal test plants a live payload (unpickling it creates a marker file, as
 ``test_the_planted_payload_runs_when_unpickled`` shows) and asserts both the error and that the marker is absent.
+The signing key is the test session's (``checkpoint_key`` in ``tests/conftest.py``), never the user's.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import pathlib
 import pickle
 import re
+import secrets
 import shutil
+import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,16 +26,21 @@ from omegaconf import OmegaConf
 from diffusion import checkpointing
 from diffusion.builders import build_trainer
 from diffusion.checkpointing import (
+    KEY_ENV,
+    KEY_FILE_ENV,
     MANIFEST_SUFFIX,
+    SIGN_COMMAND,
     VALIDATION_FUNCTION,
+    CheckpointKeyError,
     ManifestCheckpointSaver,
     UntrustedCheckpointError,
+    default_key_file,
     guard_checkpoint_loading,
     is_inside,
     validate_checkpoint,
     write_manifest,
 )
-from tests.conftest import build_tiny_sd, tiny_config
+from tests.conftest import REPO_ROOT, build_tiny_sd, subprocess_env, tiny_config
 
 CHECKPOINT = 'ep0-ba2-rank0.pt'
 
@@ -52,6 +63,16 @@ def plant_payload(path: pathlib.Path, marker: pathlib.Path, plain: bool = False)
     else:
         torch.save({'state': Payload(marker), 'rng': None}, path)
     return path
+
+
+def signed_manifest(data: bytes, name: str) -> str:
+    """The manifest of a file holding ``data``, computed here from the session's key: sha256sum's line, then the
+    HMAC-SHA-256 of the digest under the key, named by the key's id."""
+    key = bytes.fromhex(pathlib.Path(os.environ[KEY_FILE_ENV]).read_text())
+    digest = hashlib.sha256(data).hexdigest()
+    key_id = hmac.new(key, b'diffusion checkpoint key id', hashlib.sha256).hexdigest()[:16]
+    signature = hmac.new(key, b'diffusion checkpoint sha256 ' + digest.encode(), hashlib.sha256).hexdigest()
+    return f'{digest}  {name}\n# hmac-sha256 key {key_id} {signature}\n'
 
 
 def flip_byte(path: pathlib.Path, offset: int = 100) -> None:
@@ -87,21 +108,26 @@ def test_the_planted_payload_runs_when_unpickled(tmp_path, marker, plain):
 # Manifests and validate_checkpoint on files.
 
 
-def test_manifest_is_in_sha256sum_format_and_validates(tmp_path):
+def test_the_manifest_is_signed_and_sha256sum_still_checks_it(tmp_path):
     data = os.urandom(1000)
     path = tmp_path / 'ck.pt'
     path.write_bytes(data)
     manifest = write_manifest(path)
     assert manifest == f'{path}{MANIFEST_SUFFIX}'
-    assert pathlib.Path(manifest).read_text() == f'{hashlib.sha256(data).hexdigest()}  ck.pt\n'
+    assert pathlib.Path(manifest).read_text() == signed_manifest(data, 'ck.pt')
     assert validate_checkpoint(path) is True
+    if shutil.which('sha256sum'):  # the signature is a '#' line, which sha256sum -c skips
+        checked = subprocess.run(
+            ['sha256sum', '-c', '--strict', manifest], cwd=tmp_path, capture_output=True, text=True
+        )
+        assert checked.returncode == 0 and checked.stdout == 'ck.pt: OK\n', checked.stderr
 
 
 def test_a_file_without_manifest_is_refused(tmp_path, marker):
     evil = plant_payload(tmp_path / 'evil.pt', marker)
     with pytest.raises(UntrustedCheckpointError, match='evil.pt has no SHA-256 manifest; refusing to unpickle') as e:
         validate_checkpoint(evil)
-    assert f'sha256sum {evil} > {evil}.sha256' in str(e.value)  # how to vouch for it
+    assert str(e.value).endswith(f'{SIGN_COMMAND} {evil}')  # how to vouch for it
     assert not marker.exists()
 
 
@@ -289,8 +315,8 @@ def test_every_saved_checkpoint_has_a_matching_manifest(saved_run):
     ]
     assert os.readlink(checkpoints / 'latest-rank0.pt') == CHECKPOINT
     for name in ('ep0-ba1-rank0.pt', CHECKPOINT):
-        digest = hashlib.sha256((checkpoints / name).read_bytes()).hexdigest()
-        assert (checkpoints / (name + MANIFEST_SUFFIX)).read_text() == f'{digest}  {name}\n'
+        manifest = (checkpoints / (name + MANIFEST_SUFFIX)).read_text()
+        assert manifest == signed_manifest((checkpoints / name).read_bytes(), name)
 
 
 @pytest.mark.parametrize('how', ['load_path', 'autoresume'])
@@ -394,7 +420,7 @@ def test_a_remote_save_folder_gets_manifests_and_refuses_a_swapped_checkpoint(
     assert {key, key + MANIFEST_SUFFIX, 'run/checkpoints/latest-rank0.pt.symlink'} <= objects
     body = s3.get_object(Bucket='test-bucket', Key=key)['Body'].read()
     manifest = s3.get_object(Bucket='test-bucket', Key=key + MANIFEST_SUFFIX)['Body'].read().decode()
-    assert manifest == f'{hashlib.sha256(body).hexdigest()}  {CHECKPOINT}\n'
+    assert manifest == signed_manifest(body, CHECKPOINT)
 
     # Autoresume downloads the checkpoint to a temporary file and checks it against the fetched manifest.
     resumed = build_trainer(run_config(synthetic_dataset, tmp_path / 'second', *overrides, 'max_duration=3ba'))
@@ -409,6 +435,12 @@ def test_a_remote_save_folder_gets_manifests_and_refuses_a_swapped_checkpoint(
     ):
         build_trainer(run_config(synthetic_dataset, tmp_path / 'third', *overrides, 'max_duration=3ba'))
     assert not marker.exists()
+    # Whoever can write to the bucket can replace the manifest too; its signature needs the key.
+    digest = hashlib.sha256((tmp_path / 'evil.pt').read_bytes()).hexdigest()
+    s3.put_object(Bucket='test-bucket', Key=key + MANIFEST_SUFFIX, Body=f'{digest}  {CHECKPOINT}\n'.encode())
+    with pytest.raises(UntrustedCheckpointError, match=rf's3://test-bucket/{re.escape(key)}\.sha256 is not signed'):
+        build_trainer(run_config(synthetic_dataset, tmp_path / 'third', *overrides, 'max_duration=3ba'))
+    assert not marker.exists()
 
 
 def test_pretrained_components_must_be_safetensors(tmp_path, marker):
@@ -418,6 +450,157 @@ def test_pretrained_components_must_be_safetensors(tmp_path, marker):
     with pytest.raises(OSError, match='no file named diffusion_pytorch_model.safetensors'):
         build_tiny_sd(pretrained_model_name_or_path=str(tmp_path), pretrained_components=['unet'])
     assert not marker.exists()
+
+
+# A planted checkpoint with a manifest of its own: anyone who can write a checkpoint can write its sha256sum.
+
+
+def plant_with_manifest(path: pathlib.Path, marker: pathlib.Path) -> pathlib.Path:
+    """A payload at ``path`` and the plain ``sha256sum`` manifest that anyone able to write the file can write."""
+    plant_payload(path, marker)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    pathlib.Path(f'{path}{MANIFEST_SUFFIX}').write_text(f'{digest}  {path.name}\n')
+    return path
+
+
+def test_a_payload_with_a_manifest_of_its_own_is_refused(tmp_path, marker):
+    evil = plant_with_manifest(tmp_path / 'evil.pt', marker)
+    sign = rf'python -m diffusion\.checkpointing sign {re.escape(str(evil))}$'
+    with pytest.raises(UntrustedCheckpointError, match=rf'{re.escape(str(evil))}\.sha256 is not signed .*{sign}'):
+        validate_checkpoint(evil)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize('how', ['load_path', 'autoresume'])
+def test_a_checkpoint_planted_in_the_run_folder_with_its_own_manifest_is_refused(
+    synthetic_dataset, run_copy, marker, how
+):
+    path = plant_with_manifest(run_copy / 'checkpoints' / CHECKPOINT, marker)
+    how_override = f'load_path={path}' if how == 'load_path' else 'autoresume=true'
+    with pytest.raises(UntrustedCheckpointError, match=rf'{re.escape(str(path))}\.sha256 is not signed'):
+        build_trainer(run_config(synthetic_dataset, run_copy, 'max_duration=3ba', how_override))
+    assert not marker.exists()
+
+
+def test_a_signature_copied_from_another_checkpoint_is_refused(tmp_path, marker):
+    good = tmp_path / 'good.pt'
+    torch.save({'state': {'weight': torch.ones(3)}}, good)
+    write_manifest(good)
+    evil = plant_with_manifest(tmp_path / 'evil.pt', marker)
+    signature = pathlib.Path(f'{good}{MANIFEST_SUFFIX}').read_text().splitlines()[1]
+    with open(f'{evil}{MANIFEST_SUFFIX}', 'a') as f:
+        f.write(signature + '\n')
+    with pytest.raises(UntrustedCheckpointError, match=r'evil\.pt\.sha256 carries a signature that does not verify'):
+        validate_checkpoint(evil)
+    assert not marker.exists()
+
+
+# The key: outside every run folder, created once, shared by a team through a file or a secret.
+
+
+def test_the_default_key_is_created_once_in_the_config_folder_with_mode_0600(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEY_FILE_ENV)
+    monkeypatch.setenv('XDG_CONFIG_HOME', str(tmp_path / 'config'))
+    path = tmp_path / 'ck.pt'
+    path.write_bytes(b'weights')
+    write_manifest(path)  # the first save creates the key
+    key_file = tmp_path / 'config' / 'diffusion' / 'checkpoint.key'
+    assert default_key_file() == str(key_file)
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 and len(bytes.fromhex(key_file.read_text())) == 32
+    first = key_file.read_text()
+    write_manifest(tmp_path / 'ck.pt')
+    assert key_file.read_text() == first and validate_checkpoint(path)
+
+    monkeypatch.delenv('XDG_CONFIG_HOME')
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    assert default_key_file() == str(tmp_path / 'home' / '.config' / 'diffusion' / 'checkpoint.key')
+    # A machine without the key cannot verify, and loading does not make one up.
+    with pytest.raises(
+        UntrustedCheckpointError,
+        match=r'Cannot check the signature of .*ck\.pt\.sha256: no checkpoint key \(.*/home/\.config/diffusion/'
+        rf'checkpoint\.key does not exist and \${KEY_ENV} is not set\); refusing to unpickle',
+    ):
+        validate_checkpoint(path)
+    assert not (tmp_path / 'home').exists()
+
+
+def test_a_team_shares_the_key_as_a_file_or_a_secret_and_another_key_is_refused(tmp_path, monkeypatch):
+    team_key = secrets.token_hex(32)
+    monkeypatch.setenv(KEY_ENV, team_key)  # e.g. from a secret manager on the training cluster
+    path = tmp_path / 'ck.pt'
+    path.write_bytes(b'weights')
+    write_manifest(path)
+    monkeypatch.delenv(KEY_ENV)  # a workstation with the same key in a file
+    (tmp_path / 'team.key').write_text(team_key + '\n')
+    (tmp_path / 'team.key').chmod(0o600)
+    monkeypatch.setenv(KEY_FILE_ENV, str(tmp_path / 'team.key'))
+    assert validate_checkpoint(path)
+
+    monkeypatch.setenv(KEY_ENV, secrets.token_hex(32))  # a rotated key, or another team's
+    with pytest.raises(
+        UntrustedCheckpointError,
+        match=rf'ck\.pt\.sha256 is signed with another key \(id [0-9a-f]{{16}}; the key in \${KEY_ENV} has id '
+        rf'[0-9a-f]{{16}}\); refusing to unpickle .*{SIGN_COMMAND} {re.escape(str(path))}$',
+    ):
+        validate_checkpoint(path)
+    monkeypatch.setenv(KEY_ENV, 'c0ffee')
+    with pytest.raises(CheckpointKeyError, match=rf'\${KEY_ENV} is not a checkpoint key: expected at least 16 bytes'):
+        write_manifest(path)
+
+
+def test_ranks_with_different_keys_are_refused_before_training(monkeypatch):
+    from composer.utils import dist
+
+    monkeypatch.setattr(dist, 'all_gather_object', lambda obj: [obj, '0123456789abcdef'])
+    with pytest.raises(CheckpointKeyError, match=r'rank 1: 0123456789abcdef\).*same key'):
+        checkpointing._check_same_key_on_every_rank()
+
+
+# python -m diffusion.checkpointing sign / verify / key
+
+
+def test_signing_vouches_for_a_checked_checkpoint_from_before_signatures(tmp_path):
+    path = tmp_path / 'old.pt'
+    torch.save({'state': {'weight': torch.ones(3)}}, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    pathlib.Path(f'{path}{MANIFEST_SUFFIX}').write_text(f'{digest}  old.pt\n')  # as written before signatures
+    with pytest.raises(UntrustedCheckpointError, match=rf'is not signed .*{SIGN_COMMAND} {re.escape(str(path))}$'):
+        validate_checkpoint(path)
+    assert checkpointing.main(['verify', str(path)]) == 1
+    command = [sys.executable, '-m', 'diffusion.checkpointing']
+    signed = subprocess.run([*command, 'sign', str(path)], env=subprocess_env(), cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert signed.returncode == 0, signed.stderr
+    assert f'signed {path} (sha256 {digest}) with key ' in signed.stderr
+    assert 'sign only files you made or checked' in signed.stderr
+    assert validate_checkpoint(path) and checkpointing.main(['verify', str(path)]) == 0
+
+
+def test_signing_refuses_a_file_that_changed_since_it_was_hashed(tmp_path, marker, capsys):
+    path = tmp_path / 'ck.pt'
+    torch.save({'state': {'weight': torch.ones(3)}}, path)
+    write_manifest(path)
+    plant_payload(path, marker)  # swapped after the save
+    assert checkpointing.main(['sign', str(path)]) == 1
+    assert 'ck.pt differs from its manifest' in capsys.readouterr().err
+    with pytest.raises(UntrustedCheckpointError, match='does not match its manifest'):
+        validate_checkpoint(path)
+    assert checkpointing.main(['sign', '--force', str(path)]) == 0  # the user has checked the new content
+    assert validate_checkpoint(path) and not marker.exists()
+
+
+def test_signing_a_sharded_checkpoint_folder_signs_each_file(tmp_path, capsys):
+    folder = tmp_path / 'ep0-ba2'
+    folder.mkdir()
+    for name in ('.metadata', '__0_0.distcp', '__1_0.distcp'):
+        (folder / name).write_bytes(os.urandom(100))
+    assert checkpointing.main(['sign', str(folder)]) == 0
+    assert sorted(os.listdir(folder)) == sorted(
+        [n for name in ('.metadata', '__0_0.distcp', '__1_0.distcp') for n in (name, name + MANIFEST_SUFFIX)]
+    )
+    assert checkpointing.main(['verify', str(folder)]) == 0
+    assert checkpointing.main(['key']) == 0
+    assert f'{os.environ[KEY_FILE_ENV]}: key id ' in capsys.readouterr().out
 
 
 # The model's weights must all be in the checkpoint, and nothing else.

@@ -1,9 +1,10 @@
 """Load a trained model for inference: from a Composer checkpoint (local or object store) or a diffusers folder.
 
 A Composer checkpoint is a pickle, so it is fetched with Composer's ``get_file`` (local paths and ``s3://``-style
-URIs alike), checked against its SHA-256 manifest by :func:`diffusion.checkpointing.validate_checkpoint` and only
-then unpickled (memory-mapped, so the optimizer state it also holds is never read). The model is rebuilt from the
-run's config, which :class:`~diffusion.checkpointing.RunConfigInCheckpoint` embeds in every checkpoint (older ones
+URIs alike), checked against its signed SHA-256 manifest by :func:`diffusion.checkpointing.validate_checkpoint` (a
+manifest anyone could have written, unsigned or signed with another key, is refused) and only then unpickled
+(memory-mapped, so the optimizer state it also holds is never read). The model is rebuilt from the run's config,
+which :class:`~diffusion.checkpointing.RunConfigInCheckpoint` embeds in every checkpoint (older ones
 fall back to the ``config.yaml`` that :func:`diffusion.builders.build_trainer` writes in the run folder), with the
 components the run loaded from a pretrained folder rebuilt from the checkpoint
 (:mod:`diffusion.callbacks.pretrained_components`), so that folder is not needed, and gets the checkpoint's weights:
@@ -35,6 +36,7 @@ from diffusion.checkpointing import (
     CONFIG_FILENAME,
     LATEST_CHECKPOINT,
     MANIFEST_SUFFIX,
+    SIGN_COMMAND,
     RunConfigInCheckpoint,
     UntrustedCheckpointError,
     describe_key_mismatch,
@@ -149,7 +151,8 @@ def _fetch(checkpoint: str, folder: str) -> str:
     except FileNotFoundError:
         raise UntrustedCheckpointError(
             f'{checkpoint} has no SHA-256 manifest {checkpoint}{MANIFEST_SUFFIX}; refusing to unpickle an untrusted '
-            'checkpoint (loading a Composer checkpoint runs any code pickled in it).'
+            'checkpoint (loading a Composer checkpoint runs any code pickled in it). If you know where it comes from '
+            f'and trust it, download it, sign the copy ({SIGN_COMMAND} FILE) and load that.'
         ) from None
     return local
 
@@ -261,7 +264,8 @@ def load_checkpoint(
     Raises:
         FileNotFoundError: The checkpoint does not exist, or no run config was found (the message lists the paths
             searched).
-        UntrustedCheckpointError: The checkpoint has no SHA-256 manifest or differs from it.
+        UntrustedCheckpointError: The checkpoint has no SHA-256 manifest signed with the checkpoint key, or differs
+            from it.
         ValueError: The checkpoint's tensors do not fit the model its config builds: weights missing or unexpected
             (the message counts them and names a few) or of other shapes.
     """

@@ -215,6 +215,29 @@ def test_a_checkpoint_on_s3_is_fetched_with_its_manifest(run, s3_server, tmp_pat
         load_model('s3://test-bucket/runs/b/ckpt.pt')
 
 
+def test_a_planted_checkpoint_with_a_manifest_of_its_own_never_runs_in_the_commands(tmp_path):
+    # Sampling, export and the metrics command take any --checkpoint: the manifest must prove who wrote it.
+    from diffusion.evaluation import metrics
+    from tests.test_checkpointing import plant_with_manifest
+
+    marker = tmp_path / 'payload-ran'
+    evil = plant_with_manifest(tmp_path / 'evil.pt', marker)
+    (tmp_path / 'prompts.txt').write_text('a red circle\n')
+    prompts = ['--prompts', str(tmp_path / 'prompts.txt')]
+    commands = {
+        'load_model': lambda: load_model(str(evil)),
+        'sample': lambda: sample.main(['--checkpoint', str(evil), '--out', str(tmp_path / 'samples'), *prompts]),
+        'export': lambda: export.main(['--checkpoint', str(evil), '--out', str(tmp_path / 'export')]),
+        'metrics': lambda: metrics.main(
+            ['--checkpoint', str(evil), '--images', str(tmp_path / 'images'), '--clip-model', 'x', *prompts]
+        ),
+    }
+    for name, command in commands.items():
+        with pytest.raises(UntrustedCheckpointError, match=r'evil\.pt\.sha256 is not signed'):
+            command()
+        assert not marker.exists(), name
+
+
 @pytest.mark.parametrize('damage', ['empty', 'partial', 'unexpected'])
 def test_a_checkpoint_whose_weights_do_not_fit_names_a_few_keys_and_counts(run, tmp_path, damage):
     from tests.test_checkpointing import damage_model_state
