@@ -42,7 +42,7 @@ from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from diffusion.data.images import decode_image
-from diffusion.evaluation.sample_folder import CONTACT_SHEET, SAMPLES_FILE, read_samples_file
+from diffusion.evaluation.sample_folder import SAMPLES_FILE, is_sample_image, read_samples_file
 
 __all__ = [
     'METRIC_NAMES',
@@ -137,10 +137,12 @@ class MDSImages:
 
 
 def list_images(folder: str) -> list[str]:
-    """Image files under ``folder`` (recursively), sorted by relative path."""
+    """Image files under ``folder`` (recursively), sorted by relative path, without the sample-folder layout's own
+    images that are not samples (contact sheets, partial writes: :func:`~diffusion.evaluation.sample_folder.
+    is_sample_image`), which would otherwise count as reference or generated images."""
     found = []
     for root, _, files in os.walk(folder):
-        found += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+        found += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS) and is_sample_image(f)]
     return sorted(found, key=lambda path: os.path.relpath(path, folder))
 
 
@@ -170,8 +172,7 @@ def read_samples(folder: str) -> list[dict[str, Any]]:
     """
     index = os.path.join(folder, SAMPLES_FILE)
     if not os.path.isfile(index):
-        paths = [path for path in list_images(folder) if os.path.basename(path) != CONTACT_SHEET]
-        rows = [{'file': os.path.relpath(path, folder)} for path in paths]
+        rows = [{'file': os.path.relpath(path, folder)} for path in list_images(folder)]
         if not rows:
             raise ValueError(f'No images ({", ".join(IMAGE_EXTENSIONS)}) and no {SAMPLES_FILE} in {folder!r}.')
         return rows

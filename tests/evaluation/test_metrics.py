@@ -440,3 +440,16 @@ def test_a_folder_without_an_index_is_every_image_but_the_contact_sheet(tmp_path
     write_pngs(tmp_path / 'sub', random_images(1), ['c.png'])
     write_pngs(tmp_path, random_images(3), ['b.png', 'a.png', 'contact_sheet.png'])
     assert [row['file'] for row in image_metrics.read_samples(str(tmp_path))] == ['a.png', 'b.png', 'sub/c.png']
+
+
+def test_a_reference_folder_leaves_out_the_projects_own_outputs(sample_folders, tmp_path):
+    # A sampling command's folder used as reference held 72 samples and the contact sheet: 73 "references".
+    s = sample_folders
+    reference = tmp_path / 'reference_run'
+    write_pngs(reference, s['reference_images'][:3], ['00000_0.png', '00001_0.png', 'contact_sheet.png'])
+    write_pngs(reference / 'batch_0000002', s['reference_images'][3:6], ['00000_0.png', 'contact_sheet.png', 'x.png'])
+    write_pngs(reference, s['reference_images'][6:7], ['00002_0.png.tmp.png'])  # a write that was killed
+    names = [os.path.relpath(path, reference) for path in image_metrics.open_reference(str(reference)).paths]
+    assert names == ['00000_0.png', '00001_0.png', 'batch_0000002/00000_0.png', 'batch_0000002/x.png']
+    args = ['--images', s['images'], '--reference', str(reference), '--feature-extractor', s['extractor'], '--fid']
+    assert main(args)['num_reference'] == 4
