@@ -54,7 +54,8 @@ class ImageMetrics(Callback):
             training shards; for COCO captions, the folder of the captioned images (only those are used).
         metrics (Sequence[str]): Any of ``'fid'``, ``'kid'``, ``'clip_score'``. Default: all three.
         interval (str, optional): Also evaluate at this interval (``'1000ba'``, ``'1ep'``); always at fit end.
-        inception_weights (str, optional): torch-fidelity InceptionV3 weights file for FID/KID, or ``'default'``.
+        inception_weights (str, optional): torch-fidelity's InceptionV3 weights for FID/KID as a ``.safetensors``
+            file (:func:`~diffusion.evaluation.image_metrics.convert_inception`); a pickled ``.pth`` is refused.
         feature_extractor (nn.Module | str, optional): Another FID/KID extractor, uint8 (N, 3, H, W) -> (N, D): a
             module or a TorchScript file.
         clip_model (str, optional): ``CLIPModel`` + ``CLIPProcessor`` folder for the CLIP score.

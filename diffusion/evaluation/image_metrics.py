@@ -8,9 +8,12 @@ features in image order, so its value does not depend on how many ranks produced
 
 Feature extractors load from local files; nothing downloads unless asked for:
 
-* FID/KID: torch-fidelity's InceptionV3 (as torchmetrics uses it) from ``inception_weights``, the weights file
-  ``pt_inception-2015-12-05-6726825d.pth``; ``'default'`` lets torch-fidelity download it. Or any module mapping
-  uint8 images (N, 3, H, W) to features (N, D), given as a module or a TorchScript file (``feature_extractor``).
+* FID/KID: torch-fidelity's InceptionV3 (as torchmetrics uses it) from ``inception_weights``, a ``.safetensors``
+  file converted once from torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth`` with
+  ``python -m diffusion.evaluation.image_metrics convert-inception`` (:func:`convert_inception`): torch-fidelity
+  reads a weights path with ``torch.load(weights_only=False)``, which runs any code pickled in the file, and
+  publishes no full hash of it to pin. Or any module mapping uint8 images (N, 3, H, W) to features (N, D), given as
+  a module or a TorchScript file (``feature_extractor``).
 * CLIP score: a ``transformers`` ``CLIPModel`` + ``CLIPProcessor`` folder (``clip_model``). As torchmetrics
   defines it, the score is ``max(100 * mean cos(image, prompt), 0)`` over all images.
 
@@ -24,7 +27,13 @@ and it imports nothing of inference.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import hashlib
 import os
+import sys
+import tempfile
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any, Optional, Union
@@ -45,11 +54,16 @@ from diffusion.data.images import decode_image
 from diffusion.evaluation.sample_folder import SAMPLES_FILE, is_sample_image, read_samples_file
 
 __all__ = [
+    'CONVERT_INCEPTION_COMMAND',
+    'INCEPTION_FILE',
+    'INCEPTION_URL',
     'METRIC_NAMES',
     'FolderImages',
     'GenerationMetrics',
     'MDSImages',
+    'convert_inception',
     'evaluate_folder',
+    'load_inception',
     'load_image',
     'open_reference',
     'read_samples',
@@ -59,8 +73,18 @@ __all__ = [
 
 METRIC_NAMES = ('fid', 'kid', 'clip_score')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
-# ``inception_weights='default'``: torch-fidelity downloads the weights (never in tests).
-DEFAULT_WEIGHTS = 'default'
+# torch-fidelity's InceptionV3 weights (its URL_INCEPTION_V3, which it downloads when given no path). The name
+# carries, as torch.hub names files, the first 8 hex digits of the file's SHA-256; no full hash is published.
+INCEPTION_URL = (
+    'https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth'
+)
+INCEPTION_FILE = 'weights-inception-2015-12-05-6726825d.pth'
+INCEPTION_SHA256_PREFIX = '6726825d'
+INCEPTION_SAFETENSORS = 'weights-inception-2015-12-05-6726825d.safetensors'
+CONVERT_INCEPTION_COMMAND = 'python -m diffusion.evaluation.image_metrics convert-inception'
+# torch-fidelity's extractor downloads weights through this module global when given no path: swapped, under a lock,
+# to hand it weights read from safetensors instead.
+_FIDELITY_LOCK = threading.Lock()
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -180,10 +204,110 @@ def read_samples(folder: str) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: (row.get('prompt_index', 0), row.get('seed', 0), row['file']))
 
 
+def _how_to_get_inception() -> str:
+    return (
+        f"Convert torch-fidelity's {INCEPTION_FILE} once: {CONVERT_INCEPTION_COMMAND} --download "
+        f'{INCEPTION_SAFETENSORS}; offline, download {INCEPTION_URL} on a machine that can, copy it here and run '
+        f'{CONVERT_INCEPTION_COMMAND} {INCEPTION_FILE} {INCEPTION_SAFETENSORS}.'
+    )
+
+
+@contextlib.contextmanager
+def _fidelity_weights(state: dict[str, torch.Tensor]):
+    """torch-fidelity's InceptionV3, built inside, loads ``state`` (strictly) instead of downloading or unpickling."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fidelity
+
+    with _FIDELITY_LOCK:
+        download = fidelity.load_state_dict_from_url
+        fidelity.load_state_dict_from_url = lambda *args, **kwargs: state
+        try:
+            yield
+        finally:
+            fidelity.load_state_dict_from_url = download
+
+
+def _inception(state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    try:
+        with _fidelity_weights(state):
+            return NoTrainInceptionV3(name='inception-v3-compat', features_list=['2048'])
+    except RuntimeError as error:  # load_state_dict: other names or shapes
+        raise ValueError(f"{source} does not hold torch-fidelity's InceptionV3 weights: {error}") from None
+
+
+def load_inception(weights: str) -> nn.Module:
+    """torch-fidelity's InceptionV3 (torchmetrics' ``NoTrainInceptionV3``, 2048 features) with weights read from a
+    ``.safetensors`` file, which holds only tensors: nothing in it can run.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: Not a ``.safetensors`` file (a ``.pth`` is a pickle, never opened: the message says how to
+            convert torch-fidelity's file), or not InceptionV3's weights.
+    """
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f'InceptionV3 weights file {weights!r} does not exist. {_how_to_get_inception()}')
+    if not weights.endswith('.safetensors'):
+        raise ValueError(
+            f'{weights} is not a .safetensors file: InceptionV3 weights are read only as safetensors, never '
+            f'unpickled (a .pth runs any code pickled in it). {_how_to_get_inception()}'
+        )
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(weights)
+    except SafetensorError as error:
+        raise ValueError(f'{weights} is not a readable safetensors file ({error}). {_how_to_get_inception()}') from None
+    return _inception(state, weights)
+
+
+def convert_inception(source: Optional[str], out: str) -> str:
+    """Convert torch-fidelity's InceptionV3 weights file to safetensors, the only form evaluation reads.
+
+    Run it on the file from torch-fidelity's release (:data:`INCEPTION_URL`), or with ``source=None`` to download it
+    from there (to a temporary folder, never a cache another process could have written to). The file must hash to
+    the SHA-256 prefix in its name before it is unpickled, and then only with ``weights_only=True``; the weights are
+    checked against InceptionV3 before ``out`` is written.
+
+    Returns:
+        str: ``out``.
+
+    Raises:
+        ValueError: The file's SHA-256 does not start with the prefix in torch-fidelity's file name (nothing is
+            unpickled), or it does not hold InceptionV3's weights.
+    """
+    if source is None:
+        with tempfile.TemporaryDirectory() as folder:
+            downloaded = os.path.join(folder, INCEPTION_FILE)
+            torch.hub.download_url_to_file(INCEPTION_URL, downloaded, hash_prefix=INCEPTION_SHA256_PREFIX)
+            return convert_inception(downloaded, out)
+    digest = hashlib.sha256()
+    with open(source, 'rb') as f:
+        while chunk := f.read(16 * 1024 * 1024):
+            digest.update(chunk)
+    if not digest.hexdigest().startswith(INCEPTION_SHA256_PREFIX):
+        raise ValueError(
+            f"{source} is not torch-fidelity's {INCEPTION_FILE}: its SHA-256 {digest.hexdigest()} does not start with "
+            f"{INCEPTION_SHA256_PREFIX}, the hash prefix in that file's name; not unpickled. Download it from "
+            f'{INCEPTION_URL}, or run {CONVERT_INCEPTION_COMMAND} --download {out}.'
+        )
+    state = torch.load(source, map_location='cpu', weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f'{source} is not a state dict of tensors.')
+    _inception(state, source)  # the names and shapes fit
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tensors = {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}
+    save_file(tensors, out, metadata={'source': INCEPTION_URL, 'source_sha256': digest.hexdigest()})
+    return out
+
+
 def build_feature_extractor(
     feature_extractor: Union[nn.Module, str, None] = None, inception_weights: Optional[str] = None
 ) -> nn.Module:
-    """The FID/KID feature extractor: a module, a TorchScript file, or torch-fidelity's InceptionV3 weights file."""
+    """The FID/KID feature extractor: a module, a TorchScript file, or InceptionV3 weights as ``.safetensors``."""
     if isinstance(feature_extractor, nn.Module):
         return feature_extractor.eval()
     if feature_extractor is not None:
@@ -192,18 +316,10 @@ def build_feature_extractor(
         return torch.jit.load(feature_extractor, map_location='cpu').eval()
     if inception_weights is None:
         raise ValueError(
-            'FID and KID need a feature extractor: inception_weights=PATH (torch-fidelity InceptionV3 weights, '
-            f'pt_inception-2015-12-05-6726825d.pth), inception_weights={DEFAULT_WEIGHTS!r} to let torch-fidelity '
-            'download them, or feature_extractor=<module or TorchScript file>.'
+            "FID and KID need a feature extractor: inception_weights=PATH (torch-fidelity's InceptionV3 weights as "
+            f'{INCEPTION_SAFETENSORS}) or feature_extractor=<module or TorchScript file>. {_how_to_get_inception()}'
         )
-    if inception_weights != DEFAULT_WEIGHTS and not os.path.isfile(inception_weights):
-        raise FileNotFoundError(f'InceptionV3 weights file {inception_weights!r} does not exist.')
-    from torchmetrics.image.fid import NoTrainInceptionV3
-
-    weights = None if inception_weights == DEFAULT_WEIGHTS else inception_weights
-    return NoTrainInceptionV3(
-        name='inception-v3-compat', features_list=['2048'], feature_extractor_weights_path=weights
-    )
+    return load_inception(inception_weights)
 
 
 def build_clip_score(clip_model: str) -> CLIPScore:
@@ -320,7 +436,8 @@ class GenerationMetrics(nn.Module):
         metrics (Sequence[str]): Any of ``'fid'``, ``'kid'``, ``'clip_score'``. Default: all three.
         feature_extractor (nn.Module | str, optional): FID/KID extractor: a module mapping uint8 images
             (N, 3, H, W) to features (N, D), or a TorchScript file of one. Default: InceptionV3.
-        inception_weights (str, optional): torch-fidelity InceptionV3 weights file, or ``'default'`` to download.
+        inception_weights (str, optional): torch-fidelity's InceptionV3 weights as a ``.safetensors`` file
+            (:func:`convert_inception`).
         clip_model (str, optional): ``CLIPModel`` + ``CLIPProcessor`` folder; needed for ``'clip_score'``.
         float_input (bool): Give ``feature_extractor`` float images in [0, 1] instead of uint8. Default: ``False``.
         kid_subsets (int): KID subsets. Default: ``100``.
@@ -540,3 +657,29 @@ def evaluate_folder(
     indices = range(len(generated))
     update_from_source(metrics, generated, indices, False, resolution, batch_size, row_prompts, progress)
     return metrics.compute()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    """``python -m diffusion.evaluation.image_metrics convert-inception [PTH | --download] OUT``."""
+    parser = argparse.ArgumentParser(prog='python -m diffusion.evaluation.image_metrics')
+    commands = parser.add_subparsers(dest='command', required=True)
+    convert = commands.add_parser(
+        'convert-inception',
+        help=f"Convert torch-fidelity's {INCEPTION_FILE} (from {INCEPTION_URL}) to the safetensors file FID/KID read.",
+    )
+    convert.add_argument('paths', nargs='+', metavar='PATH', help=f'[{INCEPTION_FILE}] {INCEPTION_SAFETENSORS}')
+    convert.add_argument('--download', action='store_true', help='Download the .pth from torch-fidelity first.')
+    args = parser.parse_args(argv)
+    if len(args.paths) != (1 if args.download else 2):
+        parser.error('convert-inception takes PTH OUT, or --download OUT.')
+    source, out = (None, args.paths[0]) if args.download else args.paths
+    try:
+        convert_inception(source, out)
+    except (OSError, ValueError) as error:
+        parser.exit(1, f'convert-inception: {error}\n')
+    print(f'wrote {out}: use it as --inception-weights / inception_weights', file=sys.stderr)
+    return out
+
+
+if __name__ == '__main__':
+    main()

@@ -11,7 +11,13 @@ COCO-style evaluation (the usual FID-30k recipe): sample one image per caption o
     python -m diffusion.evaluation.metrics --checkpoint run/checkpoints/latest-rank0.pt \\
         --prompts annotations/captions_val2014.json --limit 30000 --reference val2014/ \\
         --images samples/coco30k --resolution 256 --fid --kid --clip-score \\
-        --inception-weights weights/pt_inception-2015-12-05-6726825d.pth --clip-model weights/clip-vit-large-patch14
+        --inception-weights weights/weights-inception-2015-12-05-6726825d.safetensors \\
+        --clip-model weights/clip-vit-large-patch14
+
+InceptionV3's weights are read only as safetensors, converted once from torch-fidelity's
+``weights-inception-2015-12-05-6726825d.pth`` (its release URL, :data:`~diffusion.evaluation.image_metrics.
+INCEPTION_URL`): ``python -m diffusion.evaluation.image_metrics convert-inception --download OUT.safetensors``, or
+offline ``... convert-inception weights-inception-2015-12-05-6726825d.pth OUT.safetensors`` on a copy of that file.
 
 Each COCO image contributes its first caption as a prompt and itself as a reference image. Caveat: FID is biased
 upwards on few images (the covariance estimate is noisy), so values are comparable only at the same image count;
@@ -29,7 +35,13 @@ from typing import Any, Optional
 
 import torch
 
-from diffusion.evaluation.image_metrics import DEFAULT_WEIGHTS, METRIC_NAMES, GenerationMetrics, evaluate_folder
+from diffusion.evaluation.image_metrics import (
+    CONVERT_INCEPTION_COMMAND,
+    INCEPTION_SAFETENSORS,
+    METRIC_NAMES,
+    GenerationMetrics,
+    evaluate_folder,
+)
 from diffusion.evaluation.prompts import load_prompt_records
 from diffusion.inference.loading import load_model
 from diffusion.inference.sample import sample_to_folder
@@ -63,7 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument('--fid', action='store_true', help='Frechet Inception Distance.')
     parser.add_argument('--kid', action='store_true', help='Kernel Inception Distance (mean and std over subsets).')
     parser.add_argument('--clip-score', action='store_true', help='CLIP score of the images against their prompts.')
-    parser.add_argument('--inception-weights', help=f'InceptionV3 weights file, or {DEFAULT_WEIGHTS!r} to download.')
+    parser.add_argument(
+        '--inception-weights',
+        help=f'InceptionV3 weights as safetensors ({INCEPTION_SAFETENSORS}), made once by {CONVERT_INCEPTION_COMMAND}.',
+    )
     parser.add_argument('--feature-extractor', help='TorchScript FID/KID feature extractor (instead of Inception).')
     parser.add_argument('--clip-model', help='Folder with a CLIPModel and its CLIPProcessor.')
     parser.add_argument('--kid-subsets', type=int, default=100)

@@ -1,7 +1,10 @@
 """FID, KID and CLIP score against independent computations, and the standalone command over folders."""
 
+import hashlib
 import json
 import os
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -226,7 +229,7 @@ def test_clip_score_is_torchmetrics_definition_checked_by_hand(tmp_path):
 
 
 @pytest.mark.slow
-def test_inception_loads_from_a_local_weights_file_without_downloading(tmp_path, monkeypatch):
+def test_inception_weights_are_converted_once_and_read_as_safetensors(tmp_path, monkeypatch):
     pytest.importorskip('torch_fidelity')
     from torch_fidelity import feature_extractor_inceptionv3 as fidelity
 
@@ -237,19 +240,63 @@ def test_inception_loads_from_a_local_weights_file_without_downloading(tmp_path,
     monkeypatch.setattr(fidelity, 'load_state_dict_from_url', lambda *args, **kwargs: None)
     monkeypatch.setattr(fidelity.FeatureExtractorInceptionV3, 'load_state_dict', lambda self, state: None)
     state = fidelity.FeatureExtractorInceptionV3('inception-v3-compat', ['2048']).state_dict()
-    weights = tmp_path / 'inception.pth'
-    torch.save(state, weights)
     monkeypatch.undo()
     monkeypatch.setattr(fidelity, 'load_state_dict_from_url', no_download)
+    pth = tmp_path / image_metrics.INCEPTION_FILE
+    torch.save(state, pth)
+    # It stands in for torch-fidelity's file: its SHA-256 prefix is the one the genuine file's name carries.
+    monkeypatch.setattr(image_metrics, 'INCEPTION_SHA256_PREFIX', hashlib.sha256(pth.read_bytes()).hexdigest()[:8])
 
-    extractor = build_feature_extractor(inception_weights=str(weights))
+    out = tmp_path / 'weights' / image_metrics.INCEPTION_SAFETENSORS
+    assert image_metrics.main(['convert-inception', str(pth), str(out)]) == str(out)
+    extractor = build_feature_extractor(inception_weights=str(out))
     assert torch.equal(extractor.state_dict()['fc.weight'], state['fc.weight'])
     with torch.no_grad():
         assert extractor(random_images(2)).shape == (2, 2048)
-    with pytest.raises(ValueError, match="inception_weights='default'"):
+
+    downloads = []
+
+    def download(url, destination, hash_prefix=None, **kwargs):
+        downloads.append((url, hash_prefix, os.path.dirname(destination)))
+        shutil.copy(pth, destination)
+
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', download)
+    image_metrics.main(['convert-inception', '--download', str(tmp_path / 'downloaded.safetensors')])
+    [(url, prefix, folder)] = downloads
+    assert (url, prefix) == (fidelity.URL_INCEPTION_V3, image_metrics.INCEPTION_SHA256_PREFIX)
+    assert not os.path.exists(folder)  # a temporary folder, not a cache that anyone could have filled beforehand
+    with pytest.raises(ValueError, match=r'need a feature extractor.*convert-inception'):
         build_feature_extractor()
-    with pytest.raises(FileNotFoundError, match='missing.pth'):
-        build_feature_extractor(inception_weights=str(tmp_path / 'missing.pth'))
+    with pytest.raises(FileNotFoundError, match=r'missing\.safetensors.*does not exist.*convert-inception'):
+        build_feature_extractor(inception_weights=str(tmp_path / 'missing.safetensors'))
+
+
+def test_conversion_unpickles_nothing_but_torch_fidelitys_file(tmp_path, capsys):
+    from tests.test_checkpointing import plant_payload
+
+    marker = tmp_path / 'payload-ran'
+    evil = plant_payload(tmp_path / image_metrics.INCEPTION_FILE, marker)  # the right name, other bytes
+    out = tmp_path / image_metrics.INCEPTION_SAFETENSORS
+    with pytest.raises(SystemExit):
+        image_metrics.main(['convert-inception', str(evil), str(out)])
+    error = capsys.readouterr().err
+    assert f"{evil} is not torch-fidelity's {image_metrics.INCEPTION_FILE}: its SHA-256 " in error
+    assert 'does not start with 6726825d' in error and image_metrics.INCEPTION_URL in error
+    assert not marker.exists() and not out.exists()
+
+
+def test_the_documented_inception_weights_are_torch_fidelitys():
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    assert image_metrics.INCEPTION_URL == URL_INCEPTION_V3
+    assert URL_INCEPTION_V3.endswith('/' + image_metrics.INCEPTION_FILE)
+    assert f'-{image_metrics.INCEPTION_SHA256_PREFIX}.pth' in image_metrics.INCEPTION_FILE
+    from tests.conftest import REPO_ROOT
+
+    for doc in ('docs/evaluation.md', 'diffusion/evaluation/metrics.py'):
+        with open(os.path.join(REPO_ROOT, doc)) as f:
+            text = f.read()
+        assert image_metrics.INCEPTION_SAFETENSORS in text and 'pt_inception' not in text, doc
 
 
 def test_arguments_are_checked(tmp_path):
@@ -440,6 +487,32 @@ def test_a_folder_without_an_index_is_every_image_but_the_contact_sheet(tmp_path
     write_pngs(tmp_path / 'sub', random_images(1), ['c.png'])
     write_pngs(tmp_path, random_images(3), ['b.png', 'a.png', 'contact_sheet.png'])
     assert [row['file'] for row in image_metrics.read_samples(str(tmp_path))] == ['a.png', 'b.png', 'sub/c.png']
+
+
+def test_a_pickled_inception_weights_file_never_runs(sample_folders, tmp_path):
+    # torch-fidelity reads a weights path with torch.load(weights_only=False): a planted file would run.
+    from diffusion.callbacks.image_metrics import ImageMetrics
+    from tests.test_checkpointing import plant_payload
+
+    marker = tmp_path / 'payload-ran'
+    evil = str(plant_payload(tmp_path / 'pt_inception-2015-12-05-6726825d.pth', marker))
+    s = sample_folders
+    attempts = {
+        'library': lambda: build_feature_extractor(inception_weights=evil),
+        'command': lambda: main(
+            ['--images', s['images'], '--reference', s['reference'], '--fid', '--inception-weights', evil]
+        ),
+        'callback': lambda: ImageMetrics(reference=s['reference'], metrics=['fid'], inception_weights=evil),
+    }
+    for name, attempt in attempts.items():
+        with pytest.raises(ValueError, match=rf'{re.escape(evil)} is not a \.safetensors file') as error:
+            attempt()
+        assert 'convert-inception' in str(error.value), name
+        assert not marker.exists(), name
+    disguised = str(plant_payload(tmp_path / 'inception.safetensors', marker))
+    with pytest.raises(ValueError, match=rf'{re.escape(disguised)} is not a readable safetensors file'):
+        build_feature_extractor(inception_weights=disguised)
+    assert not marker.exists()
 
 
 def test_a_reference_folder_leaves_out_the_projects_own_outputs(sample_folders, tmp_path):
