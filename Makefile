@@ -22,7 +22,10 @@ demo-data: install
 
 # The embedded default: synthetic CC-like data -> tiny autoencoder -> tiny latent diffusion model (the production
 # StableDiffusion class, launched like any run) -> samples.png and the prompt-following score.
+# Each `make demo` is a new run: its run folders are cleared first, since a new run refuses a save folder that holds
+# another run's checkpoints (and the demo's results would otherwise mix with the last one's).
 demo: demo-data
+	rm -rf runs/demo_autoencoder runs/demo
 	$(VENV)/bin/composer -n 1 train.py yamls/demo_autoencoder.yaml
 	$(VENV)/bin/composer -n 1 train.py yamls/demo.yaml
 	@echo "Samples: runs/demo/samples.png   Results: runs/demo/demo_results.json"

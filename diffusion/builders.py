@@ -10,22 +10,26 @@ from __future__ import annotations
 
 import inspect
 import os
+import tempfile
 from typing import Any
 
 import torch
 from composer import Callback, Trainer
 from composer.devices import DeviceCPU, DeviceGPU
-from composer.utils import dist, reproducibility
+from composer.utils import dist, maybe_create_object_store_from_uri, parse_uri, partial_format, reproducibility
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion import registry
 from diffusion.callbacks.pretrained_components import PretrainedComponentsInCheckpoint
 from diffusion.checkpointing import (
     CONFIG_FILENAME,
+    LATEST_CHECKPOINT,
+    MANIFEST_SUFFIX,
     CheckpointManifests,
     RunConfigInCheckpoint,
     StrictModelWeights,
     guard_checkpoint_loading,
+    is_inside,
 )
 from diffusion.config import check_s3_credentials, validate_config
 from diffusion.models.adapters import apply_adapters
@@ -40,6 +44,7 @@ __all__ = [
     'build_plugins',
     'build_trainer',
     'check_resolution',
+    'check_save_folder',
     'check_sections',
 ]
 
@@ -163,6 +168,68 @@ def check_resolution(cfg: DictConfig, model: Any) -> None:
             )
 
 
+def _is_checkpoint_file(name: str) -> bool:
+    """A file a Composer save writes: a ``.pt`` (or the ``latest`` link), its manifest, a sharded folder's files."""
+    base = name.rsplit('/', 1)[-1]
+    return base.endswith(('.pt', MANIFEST_SUFFIX, '.symlink', '.distcp')) or base == '.metadata'
+
+
+def _saved_checkpoints(folder: str) -> tuple[list[str], str]:
+    """The checkpoint files in ``folder`` (local or object store, and one level down for sharded checkpoints), and
+    the name its ``latest`` pointer names ('' when there is none)."""
+    backend, _, prefix = parse_uri(folder)
+    if backend:
+        store = maybe_create_object_store_from_uri(folder)
+        prefix = prefix.rstrip('/') + '/'
+        names = [n[len(prefix) :] for n in store.list_objects(prefix)]
+        found = [n for n in names if n.count('/') <= 1 and _is_checkpoint_file(n)]
+        latest = ''
+        if f'{LATEST_CHECKPOINT}.symlink' in names:
+            with tempfile.TemporaryDirectory() as scratch:
+                local = os.path.join(scratch, 'latest')
+                store.download_object(f'{prefix}{LATEST_CHECKPOINT}.symlink', local)
+                with open(local) as f:
+                    latest = f.read().strip().rsplit('/', 1)[-1]
+        return found, latest
+    if not os.path.isdir(folder):
+        return [], ''
+    found = []
+    for entry in os.scandir(folder):
+        if entry.is_dir(follow_symlinks=False):
+            found += [f'{entry.name}/{n}' for n in os.listdir(entry.path) if _is_checkpoint_file(n)]
+        elif _is_checkpoint_file(entry.name):
+            found.append(entry.name)
+    link = os.path.join(folder, LATEST_CHECKPOINT)
+    return found, os.path.basename(os.readlink(link)) if os.path.islink(link) else ''
+
+
+def check_save_folder(cfg: DictConfig) -> None:
+    """Refuse to start a new run in a ``save_folder`` that holds the checkpoints of another run.
+
+    A run that starts from scratch there (even with the same command: README's first two Train commands in a row)
+    would overwrite the checkpoints of the same names, leave the others, point ``latest`` at either run's batch and
+    append to the run's ledger: one folder, two runs, no warning. So a start into a folder with checkpoints must be
+    a resume of them: ``autoresume`` (the same run, restarted), or a ``load_path`` inside the folder that is not
+    ``load_weights_only`` (which restarts at batch 0). Anything else is another run, and is refused before anything
+    is written, naming the folder and the two ways out.
+    """
+    if not cfg.save_folder:
+        return
+    folder = partial_format(cfg.save_folder, run_name=cfg.run_name) if cfg.run_name else cfg.save_folder
+    resumes = cfg.autoresume or (cfg.load_path and not cfg.load_weights_only and is_inside(cfg.load_path, folder))
+    if resumes:
+        return
+    found, latest = _saved_checkpoints(folder)
+    if found:
+        shown = latest or sorted(found)[-1]
+        raise ConfigError(
+            f'save_folder {folder} holds the checkpoints of another run (latest: {shown}), and this start is no '
+            'resume of it: the two runs would mix in one folder (checkpoints of the same names overwritten, the '
+            'others kept, `latest` pointing at either). Start the new run in another folder (a new run_folder or '
+            'save_folder), or continue that run with autoresume=true.'
+        )
+
+
 class RestoreRngMidEpoch(Callback):
     """Restore a mid-epoch checkpoint's RNG state just before the first resumed batch is fetched.
 
@@ -196,6 +263,7 @@ def build_trainer(cfg: Any) -> Trainer:
     check_sections(cfg)
     check_s3_credentials(cfg)  # before any bucket is reached (streaming and Composer would retry without naming it)
     guard_checkpoint_loading(cfg)  # before the Trainer, which loads any checkpoint
+    check_save_folder(cfg)  # before anything is written in the run folder
     device = cfg.device or ('gpu' if torch.cuda.is_available() else 'cpu')
     dist.initialize_dist(DeviceGPU() if device == 'gpu' else DeviceCPU(), cfg.dist_timeout)
     reproducibility.seed_all(cfg.seed)

@@ -8,6 +8,8 @@ import torch
 from composer.core import Callback
 
 from diffusion.builders import build_trainer
+from diffusion.config import ConfigError
+from diffusion.train import main
 from tests.conftest import TEST_MODEL_OVERRIDES, TINY_YAML, run_composer, tiny_config
 
 
@@ -170,3 +172,50 @@ def test_two_process_resume_is_bit_exact(synthetic_dataset, tmp_path):
         assert [r['samples'] for r in read_ledger(tmp_path / 'resumed', rank)] == [
             r['samples'] for r in read_ledger(tmp_path / 'full', rank)[2:]
         ]
+
+
+@pytest.mark.slow
+def test_a_new_run_over_another_runs_checkpoints_is_refused_and_a_resume_is_not(synthetic_dataset, tmp_path, capsys):
+    # README's first two Train commands in a row: the second started from scratch in the first one's folder, so
+    # checkpoints of both runs mixed, `latest` pointed at the older run's batch and the ledgers merged.
+    common = ('train_dataloader.batch_size=16', 'save_interval=2ba')
+    build_trainer(tiny_config(synthetic_dataset, str(tmp_path), 'max_duration=2ba', *common)).fit()
+    checkpoint = tmp_path / 'checkpoints' / 'ep0-ba2-rank0.pt'
+    config = (tmp_path / 'config.yaml').read_text()
+
+    message = (
+        rf'^save_folder {tmp_path}/checkpoints holds the checkpoints of another run \(latest: ep0-ba2-rank0.pt\), '
+        r'and this start is no resume of it: .* Start the new run in another folder \(a new run_folder or '
+        r'save_folder\), or continue that run with autoresume=true\.$'
+    )
+    for start in ([], [f'load_path={checkpoint}', 'load_weights_only=true']):  # weights only: a new run too
+        with pytest.raises(ConfigError, match=message):
+            build_trainer(tiny_config(synthetic_dataset, str(tmp_path), 'max_duration=4ba', *common, *start))
+    assert (tmp_path / 'config.yaml').read_text() == config  # the refused start wrote nothing
+    with pytest.raises(SystemExit):
+        main(
+            [TINY_YAML, *TEST_MODEL_OVERRIDES, f'train_dataloader.remote={synthetic_dataset}', f'run_folder={tmp_path}']
+        )
+    error = capsys.readouterr().err
+    assert error.count('\n') == 1 and error.startswith(f'error: save_folder {tmp_path}/checkpoints holds'), error
+
+    # Continuing the run is a resume: autoresume, or a load_path in its own folder.
+    for resume in ('autoresume=true', f'load_path={checkpoint}'):
+        resumed = build_trainer(tiny_config(synthetic_dataset, str(tmp_path), 'max_duration=4ba', *common, resume))
+        assert int(resumed.state.timestamp.batch) == 2
+        resumed.close()
+    # And a new run_folder is a new run's.
+    build_trainer(tiny_config(synthetic_dataset, str(tmp_path / 'other'), 'max_duration=4ba', *common)).close()
+
+
+@pytest.mark.slow
+def test_a_new_run_over_a_buckets_checkpoints_is_refused(s3_server, synthetic_dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Composer caches a remote autoresume checkpoint under ./s3:/...
+    common = ('train_dataloader.batch_size=16', 'save_interval=2ba', 'save_folder=s3://test-bucket/runs/a')
+    build_trainer(tiny_config(synthetic_dataset, str(tmp_path / 'first'), 'max_duration=2ba', *common)).fit()
+    with pytest.raises(ConfigError, match=r'^save_folder s3://test-bucket/runs/a holds the checkpoints of another run'):
+        build_trainer(tiny_config(synthetic_dataset, str(tmp_path / 'second'), 'max_duration=4ba', *common))
+    resumed = build_trainer(
+        tiny_config(synthetic_dataset, str(tmp_path / 'third'), 'max_duration=4ba', 'autoresume=true', *common)
+    )
+    assert int(resumed.state.timestamp.batch) == 2
