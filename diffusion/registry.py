@@ -94,7 +94,8 @@ callbacks.register_all(
 )
 loggers.register_all(
     {
-        'file': composer_loggers.FileLogger,
+        # Composer's FileLogger, without the progress bar's redraws glued into the log's metric lines.
+        'file': our_callbacks.FileLogger,
         'tensorboard': composer_loggers.TensorboardLogger,
         'wandb': composer_loggers.WandBLogger,
         'mlflow': composer_loggers.MLFlowLogger,
