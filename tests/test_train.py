@@ -219,3 +219,19 @@ def test_a_new_run_over_a_buckets_checkpoints_is_refused(s3_server, synthetic_da
         tiny_config(synthetic_dataset, str(tmp_path / 'third'), 'max_duration=4ba', 'autoresume=true', *common)
     )
     assert int(resumed.state.timestamp.batch) == 2
+
+
+def test_a_run_ends_saying_where_its_checkpoints_are(synthetic_dataset, tmp_path, capsys):
+    common = [TINY_YAML, *TEST_MODEL_OVERRIDES, f'train_dataloader.remote={synthetic_dataset}',
+              'train_dataloader.resolution=16', 'train_dataloader.batch_size=8', 'max_duration=2ba',
+              'save_interval=1ba', 'progress_bar=false']  # fmt: skip
+    main([*common, f'run_folder={tmp_path}'])
+    folder = tmp_path / 'checkpoints'
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == (
+        f'Checkpoints: {folder} (latest: {folder}/ep0-ba2-rank0.pt; resume with autoresume=true or '
+        f'load_path={folder}/ep0-ba2-rank0.pt).'
+    )
+    assert os.path.realpath(folder / 'latest-rank0.pt') == str(folder / 'ep0-ba2-rank0.pt')
+    main([*common, f'run_folder={tmp_path / "unsaved"}', 'save_folder=null'])
+    assert capsys.readouterr().out.splitlines()[-1] == 'No checkpoints were saved: save_folder is not set.'
