@@ -69,5 +69,9 @@ def caption_dataset(
     if torch.cuda.is_available():
         captioner_kwargs.setdefault('device', f'cuda:{rank_info().local_rank}')
     model = build_captioner(captioner, **captioner_kwargs)
-    runner.run(len(dataset), lambda unit: caption_samples(dataset.iter_shard(unit), model, chunk_size))
+    runner.run(
+        len(dataset),
+        lambda unit: caption_samples(dataset.iter_shard(unit), model, chunk_size),
+        unit_samples=[shard['samples'] for shard in dataset.shards],
+    )
     return runner

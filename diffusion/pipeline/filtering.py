@@ -112,5 +112,5 @@ def filter_dataset(
             decision = decisions[first + position]
             yield sample if decision is None else decision
 
-    runner.run(len(dataset), process)
+    runner.run(len(dataset), process, unit_samples=[shard['samples'] for shard in dataset.shards])
     return runner

@@ -171,5 +171,5 @@ def precompute_latents(
                     yield {**kept, **tensors, **extra, 'latents_dtype': options.latents_dtype}
                 batch = []
 
-    runner.run(len(dataset), process)
+    runner.run(len(dataset), process, unit_samples=[shard['samples'] for shard in dataset.shards])
     return runner

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch.distributed as torch_dist
 from tqdm.auto import tqdm
@@ -162,15 +162,19 @@ class StageRunner:
                 self.output.write_text('pipeline.json', json.dumps(self.settings, indent=2, sort_keys=True))
         self._barrier()
 
-    def run(self, num_units: int, process: UnitFunction) -> list[int]:
-        """Process this rank's unfinished units, then merge all of them on rank 0; returns all unit indexes."""
+    def run(self, num_units: int, process: UnitFunction, unit_samples: Optional[Sequence[int]] = None) -> list[int]:
+        """Process this rank's unfinished units, then merge all of them on rank 0; returns all unit indexes.
+
+        The progress bar counts samples (kept or dropped) as ``process`` yields them; ``unit_samples``, the number
+        of input samples of each unit when the stage knows it (an MDS shard's count), gives the bar its total.
+        """
         self.num_units = num_units
         # The unit count is part of the settings: a grown input folder must not reuse units cut differently.
         self.settings['num_units'] = num_units
         self._init_distributed()
         try:
             self._check_settings()
-            self._run_units(process)
+            self._run_units(process, unit_samples)
             self._barrier()
             if self.ranks.rank == 0:
                 missing = sorted(set(range(num_units)) - self.output.finished_units())
@@ -184,7 +188,7 @@ class StageRunner:
                 torch_dist.destroy_process_group()  # a live gloo group keeps the launcher waiting for the process
         return list(range(num_units))
 
-    def _run_units(self, process: UnitFunction) -> None:
+    def _run_units(self, process: UnitFunction, unit_samples: Optional[Sequence[int]] = None) -> None:
         finished = set() if self.overwrite else self.output.finished_units()
         mine = [u for u in range(self.num_units) if u % self.ranks.world_size == self.ranks.rank]
         todo = [u for u in mine if u not in finished]
@@ -193,19 +197,19 @@ class StageRunner:
                 f'[{self.stage} rank {self.ranks.rank}] skipping {len(mine) - len(todo)} finished units of {len(mine)}',
                 file=sys.stderr,
             )
+        # Samples, not units: a rank with one large unit (a shard) would otherwise sit at 0% until it is done.
         bar = tqdm(
-            total=len(todo),
+            total=sum(unit_samples[u] for u in todo) if unit_samples is not None else None,
             desc=f'{self.stage} rank {self.ranks.rank}',
-            unit='unit',
+            unit='sample',
             position=self.ranks.local_rank,
             disable=not self.progress,
         )
         for unit in todo:
-            self._run_unit(unit, process)
-            bar.update(1)
+            self._run_unit(unit, process, bar.update)
         bar.close()
 
-    def _run_unit(self, unit: int, process: UnitFunction) -> None:
+    def _run_unit(self, unit: int, process: UnitFunction, progress: Callable[[int], Any] = lambda n: None) -> None:
         start = time.perf_counter()
         stats = UnitStats(self.stage, unit)
         side_lines = []
@@ -213,6 +217,7 @@ class StageRunner:
         writer = self.output.writer(unit, self.columns, compression=self.compression, size_limit=self.size_limit)
         with writer:
             for item in process(unit):
+                progress(1)
                 if isinstance(item, Drop):
                     stats.drop(item)
                     continue

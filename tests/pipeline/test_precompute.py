@@ -172,3 +172,30 @@ def test_sdxl_latents_store_both_encoders_pooled_and_size_conditioning(synthetic
     with torch.no_grad():
         from_images, from_latents = model.eval_forward(image_batch)[0], model.eval_forward(latent_batch)[0]
     torch.testing.assert_close(from_images, from_latents, rtol=1e-5, atol=1e-5)
+
+
+class RecordingBar:
+    """Stands in for tqdm in the stage runner: records the bar's total, unit and progress."""
+
+    bars: list = []
+
+    def __init__(self, total=None, unit='it', **kwargs):
+        self.total, self.unit, self.n, self.updates = total, unit, 0, 0
+        RecordingBar.bars.append(self)
+
+    def update(self, n=1):
+        self.n += n
+        self.updates += 1
+
+    def close(self):
+        pass
+
+
+def test_the_progress_bar_counts_samples_not_units(synthetic_dataset, tmp_path, monkeypatch):
+    # It counted units (shards): with one shard per rank it sat at 0% until the end (111 s for the demo's data).
+    monkeypatch.setattr('diffusion.pipeline.runner.tqdm', RecordingBar)
+    RecordingBar.bars = []
+    precompute(synthetic_dataset, str(tmp_path / 'latents'))
+    (bar,) = RecordingBar.bars
+    assert (bar.unit, bar.total, bar.n) == ('sample', 128, 128)
+    assert bar.updates > 1  # it moves during a unit, not once at its end
