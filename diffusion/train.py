@@ -41,9 +41,10 @@ __all__ = [
 
 
 def train(cfg: Any) -> Trainer:
-    """Build the Trainer from ``cfg``, fit it and return it."""
+    """Build the Trainer from ``cfg``, fit it, close it and say where its checkpoints are; return it (closed)."""
     trainer = build_trainer(cfg)
     trainer.fit()
+    trainer.close()  # the progress bar finishes its line first, so the summary gets its own
     if dist.get_global_rank() == 0:
         print(checkpoint_summary(trainer, cfg.get('save_folder')), flush=True)
     return trainer
@@ -78,6 +79,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         train(load_config(argv[0], argv[1:]))
     except ConfigError as error:
-        if os.environ.get('LOCAL_RANK', '0') == '0':  # every rank refuses alike; one line per machine is enough
-            print(f'error: {error}', file=sys.stderr, flush=True)
+        # Every rank refuses alike, and every rank says why: the launcher stops the others when the first one exits,
+        # and shows the output of the rank that exited (rank 0's is the console).
+        print(f'error: {error}', file=sys.stderr, flush=True)
         raise SystemExit(2) from None

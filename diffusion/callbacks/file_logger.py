@@ -6,14 +6,22 @@ progress bar draws on stderr with carriage returns and cursor moves, never endin
 them without its ``[metric]`` prefix. Here those redraws (text after a carriage return up to the line's end, ANSI
 escape sequences, and the blank lines the bar moves through) are left out of the file; the terminal still gets
 everything, and the metrics are in the file as their own lines.
+
+A yaml names one file for the run (``${run_folder}/log.txt``), but every rank has a file logger: Composer's opened
+the same file on each rank, which then overwrote each other's lines. A rank other than 0 writes to
+``log-rank<r>.txt`` beside it instead, unless the name already holds a rank placeholder.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Callable
 
+from composer.core import State
 from composer.loggers import FileLogger as ComposerFileLogger
+from composer.loggers import Logger
+from composer.utils import dist
 
 __all__ = ['FileLogger', 'without_redraws']
 
@@ -30,7 +38,8 @@ def without_redraws(text: str, at_line_start: bool) -> str:
 
 
 class FileLogger(ComposerFileLogger):
-    """Composer's ``FileLogger`` (same arguments) whose copy of stdout and stderr leaves out terminal redraws."""
+    """Composer's ``FileLogger`` (same arguments) whose copy of stdout and stderr leaves out terminal redraws, and
+    whose ranks other than 0 write files of their own."""
 
     def _get_new_writer(self, prefix: str, original_writer: Callable[[str], int]) -> Callable[[str], int]:
         def new_write(text: str) -> int:
@@ -41,3 +50,10 @@ class FileLogger(ComposerFileLogger):
             return original_writer(text)
 
         return new_write
+
+    def init(self, state: State, logger: Logger) -> None:
+        if dist.get_global_rank() != 0 and not re.search(r'\{(rank|local_rank|node_rank)\}', self.filename_format):
+            for attribute in ('filename_format', 'remote_file_name_format'):
+                root, extension = os.path.splitext(getattr(self, attribute))
+                setattr(self, attribute, f'{root}-rank{{rank}}{extension}')
+        super().init(state, logger)

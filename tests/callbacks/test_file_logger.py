@@ -42,3 +42,24 @@ def test_redraws_are_dropped_and_other_stderr_is_kept(tmp_path, monkeypatch):
         '[stderr]: a warning\n[metric][batch=1]: loss/train/total: 0.5000 \n'
     )
     assert sys.stderr.getvalue().startswith('\n\rtrain')  # the terminal still gets everything
+
+
+def test_ranks_other_than_0_write_a_file_of_their_own(tmp_path, monkeypatch):
+    # Two ranks opened the yaml's one log.txt and overwrote each other's lines ('tric][batch=40]: lr-AdamW...').
+    from types import SimpleNamespace
+
+    from composer.utils import dist
+
+    state = SimpleNamespace(run_name='run')
+    for rank, filename, expected in [
+        (0, 'log.txt', 'log.txt'),
+        (1, 'log.txt', 'log-rank1.txt'),
+        (1, 'log-{rank}.txt', 'log-1.txt'),
+    ]:
+        monkeypatch.setattr(dist, 'get_global_rank', lambda rank=rank: rank)
+        monkeypatch.setattr(dist, 'get_local_rank', lambda rank=rank: rank)
+        logger = registry.loggers.build('file', {'filename': str(tmp_path / filename), 'capture_stderr': False,
+                                                 'capture_stdout': False})  # fmt: skip
+        logger.init(state, None)
+        assert logger.filename == str(tmp_path / expected)
+        logger.file.close()
