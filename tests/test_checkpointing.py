@@ -634,8 +634,11 @@ def test_a_checkpoint_without_the_models_weights_is_refused(synthetic_dataset, r
     path = run_copy / 'checkpoints' / CHECKPOINT
     names = damage_model_state(path, damage)
     unet = [name for name in names if name.startswith('unet.')]
+    # Weights only starts a new run (at batch 0), which a folder holding the old run's checkpoints refuses: it saves
+    # elsewhere and loads the old run's checkpoint as trusted.
     overrides = {'load_path': [f'load_path={path}'], 'autoresume': ['autoresume=true'],
-                 'load_weights_only': [f'load_path={path}', 'load_weights_only=true']}[how]  # fmt: skip
+                 'load_weights_only': [f'load_path={path}', 'load_weights_only=true', 'load_trusted=true',
+                                       f'save_folder={run_copy}/weights_only']}[how]  # fmt: skip
     expected = {
         'empty': f'{len(names)} missing ({", ".join(names[:3])}, ...), 0 unexpected.',
         'partial': f'{len(unet)} missing ({", ".join(unet[:3])}, ...), 0 unexpected.',
