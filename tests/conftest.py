@@ -7,6 +7,7 @@ import random
 import socket
 import subprocess
 import sys
+import urllib.request
 
 import catalogue
 import numpy as np
@@ -261,6 +262,9 @@ def s3_server(monkeypatch):
     server = ThreadedMotoServer(ip_address='127.0.0.1', port=port, verbose=False)
     server.start()
     endpoint = f'http://127.0.0.1:{port}'
+    # moto keeps its buckets in process-wide state that outlives a server: start each test from an empty store, or
+    # objects of an earlier test in this worker (a checkpoint under runs/a/) show up in this one.
+    urllib.request.urlopen(urllib.request.Request(f'{endpoint}/moto-api/reset', method='POST')).close()
     for key, value in {
         'AWS_ACCESS_KEY_ID': 'testing',
         'AWS_SECRET_ACCESS_KEY': 'testing',
