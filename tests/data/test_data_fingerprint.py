@@ -67,7 +67,7 @@ def test_a_resume_on_changed_data_is_refused_naming_the_stream_and_both_counts(t
     common = (f'train_dataloader.remote={data}', 'train_dataloader.resolution=16', 'train_dataloader.batch_size=8',
               f'run_folder={run}', 'save_interval=2ba', 'progress_bar=false')  # fmt: skip
     first = composer(*common, 'max_duration=2ba')
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     synthetic(data, 208)  # 80 samples added
     resume = (*common, 'max_duration=4ba', f'load_path={run}/checkpoints/ep0-ba2-rank0.pt')
@@ -80,7 +80,7 @@ def test_a_resume_on_changed_data_is_refused_naming_the_stream_and_both_counts(t
     assert not (run / 'checkpoints' / 'ep0-ba4-rank0.pt').exists()
 
     accepted = composer(*resume, '+train_dataloader.allow_changed_data=true')
-    assert accepted.returncode == 0, accepted.stderr[-3000:]
+    assert accepted.returncode == 0, accepted.stdout[-3000:] + accepted.stderr[-3000:]
     assert (run / 'checkpoints' / 'ep0-ba4-rank0.pt').exists()
 
 

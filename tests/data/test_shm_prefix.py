@@ -11,7 +11,8 @@ from streaming import MDSWriter, StreamingDataset
 
 import diffusion.data  # noqa: F401  (installs the lock)
 from diffusion.data import shm_prefix
-from tests.data.shm_prefix_worker import build_together
+from tests.conftest import master_port
+from tests.data.shm_prefix_worker import build_in_a_job, build_together
 
 PROCESSES = 4
 DATASETS_PER_PROCESS = 4
@@ -68,11 +69,28 @@ def test_a_dataset_waits_for_the_lock_before_claiming_its_prefix(tmp_path):
     assert os.path.exists(shm_prefix.LOCK_FILE)
 
 
-def test_install_wraps_once():
-    shm_prefix.install()
-    shm_prefix.install()
+def test_install_replaces_streamings_function_once():
     import streaming.base.dataset as streaming_dataset
+    from streaming.base.shared import prefix
 
-    wrapped = streaming_dataset.get_shm_prefix
-    assert wrapped._under_prefix_lock
-    assert not getattr(wrapped.__wrapped__, '_under_prefix_lock', False)
+    shm_prefix.install()
+    shm_prefix.install()
+    assert streaming_dataset.get_shm_prefix is shm_prefix.agreed_shm_prefix
+    assert shm_prefix.agreed_shm_prefix.__wrapped__ is prefix.get_shm_prefix
+
+
+@pytest.mark.parametrize('agreed', [True, False])
+def test_the_ranks_of_a_job_agree_on_the_prefix_when_another_job_registers_between_their_scans(tmp_path, agreed):
+    """Rank 1's scan is made to find the number after its leader's, as when another job on the node registers one
+    between the two scans: with streaming's own function rank 1 dies ("does not match local leader"); with the
+    installed one both ranks use the leader's number. The False case shows the True case can fail."""
+    root = str(tmp_path / 'data')
+    _write(root)
+    context = multiprocessing.get_context('spawn')
+    with context.Pool(2) as pool:
+        port = master_port()
+        results = pool.starmap(build_in_a_job, [(rank, port, root, agreed) for rank in range(2)])
+    if agreed:
+        assert results[0] == results[1] and isinstance(results[0], int), results
+    else:
+        assert 'does not match' in str(results[1]), results
