@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import diffusion.registry  # noqa: F401  (every built-in entry registered before restore_registries copies them)
 from diffusion.config import load_config
 from diffusion.data.synthetic import write_synthetic_dataset
 from diffusion.models import tiny_stable_diffusion, tiny_stable_diffusion_xl
@@ -218,7 +219,12 @@ def seed_everything():
 @pytest.fixture(autouse=True)
 def restore_registries(monkeypatch):
     """Entries a test registers (or loads from an entry point) are gone after it: catalogue keeps every registry's
-    entries in one module-level dict, replaced by a copy for the test's duration."""
+    entries in one module-level dict, replaced by a copy for the test's duration.
+
+    The built-in entries are registered when ``diffusion.registry`` is first imported, which this module does at
+    collection: a first import inside a test would register them into the copy only, and every later test in the
+    worker would find the registries empty.
+    """
     monkeypatch.setattr(catalogue, 'REGISTRY', dict(catalogue.REGISTRY))
 
 
