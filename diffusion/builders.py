@@ -138,6 +138,8 @@ def _check_model_components(kwargs: dict[str, Any]) -> None:
         registry.adapters.check(name, options or {}, where=f'model.adapters.{name}')
     for key, component_registry in _COMPONENT_SECTIONS.items():
         section = kwargs.get(key)
+        if isinstance(section, str):  # a name alone: that component with its defaults
+            section = {'name': section}
         if isinstance(section, dict) and 'name' in section:
             options = {k: v for k, v in section.items() if k != 'name'}
             # pretrained and load come from the model's pretrained_* keys, not from the section.
