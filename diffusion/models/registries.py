@@ -14,8 +14,8 @@ from typing import Any, Mapping, Optional, Union
 
 from diffusion.models import conditioners as conditioner_classes
 from diffusion.models import denoisers as denoiser_classes
+from diffusion.models import mmdit, rectified_flow, t5_conditioners
 from diffusion.models import objectives as objective_classes
-from diffusion.models import rectified_flow
 from diffusion.utils import Registry, accepted_keys
 
 __all__ = ['adapters', 'build_component', 'denoisers', 'objectives', 'text_conditioners']
@@ -25,8 +25,15 @@ text_conditioners = Registry('text_conditioners', 'Text encoders + tokenizers ->
 objectives = Registry('objectives', 'Training objectives: noising, target, timesteps, weights, inference scheduler.')
 adapters = Registry('adapters', 'Changes applied to the built model before the optimizer (Adapter).')
 
-denoisers.register_all({'unet': denoiser_classes.unet})
-text_conditioners.register_all({'clip': conditioner_classes.clip, 'sdxl_clip': conditioner_classes.sdxl_clip})
+denoisers.register_all({'unet': denoiser_classes.unet, 'mmdit': mmdit.mmdit})
+text_conditioners.register_all(
+    {
+        'clip': conditioner_classes.clip,
+        'sdxl_clip': conditioner_classes.sdxl_clip,
+        't5': t5_conditioners.t5,
+        'sd3': t5_conditioners.sd3,
+    }
+)
 objectives.register_all(
     {'ddpm': objective_classes.DDPMObjective, 'rectified_flow': rectified_flow.RectifiedFlowObjective}
 )
