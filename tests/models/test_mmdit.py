@@ -215,3 +215,22 @@ def test_tiny_mmdit_yaml_trains_checkpoints_and_resumes_bit_exactly(synthetic_da
     got = transformer_state(resumed)
     assert all(torch.equal(got[k], v) for k, v in expected.items())
     assert any(not torch.equal(got[k], v) for k, v in transformer_state(first).items())
+
+
+def test_a_16_channel_tiny_autoencoder_exports_its_latent_mean_as_shift_factor():
+    from diffusion.models.autoencoder import tiny_autoencoder
+
+    torch.manual_seed(0)
+    model = tiny_autoencoder(vae_config=dict(TEST_VAE, latent_channels=16), shift_latents=True, std_momentum=0.0)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    torch.manual_seed(1)
+    model.train()
+    model({'image': images})
+    torch.manual_seed(1)
+    latents = model.vae.encode(images).latent_dist.sample()
+    assert latents.shape == (2, 16, 8, 8)
+    model.prepare_for_export()
+    config = model.vae.config
+    assert config.shift_factor == pytest.approx(float(latents.mean()), abs=1e-6) and config.shift_factor != 0
+    assert config.scaling_factor == pytest.approx(float(latents.var().rsqrt()), rel=1e-5)
+    assert 'latent_mean' not in tiny_autoencoder(vae_config=TEST_VAE).state_dict()  # unshifted: keys unchanged
