@@ -138,6 +138,8 @@ def _check_model_components(kwargs: dict[str, Any]) -> None:
         registry.adapters.check(name, options or {}, where=f'model.adapters.{name}')
     for key, component_registry in _COMPONENT_SECTIONS.items():
         section = kwargs.get(key)
+        if isinstance(section, str):  # a name alone: that component with its defaults
+            section = {'name': section}
         if isinstance(section, dict) and 'name' in section:
             options = {k: v for k, v in section.items() if k != 'name'}
             # pretrained and load come from the model's pretrained_* keys, not from the section.
@@ -145,15 +147,19 @@ def _check_model_components(kwargs: dict[str, Any]) -> None:
 
 
 def check_resolution(cfg: DictConfig, model: Any) -> None:
-    """Refuse a dataloader ``resolution`` that is not a multiple of the model's VAE factor (pixels per latent).
+    """Refuse a dataloader ``resolution`` that is not a multiple of the model's VAE factor (pixels per latent) times
+    its denoiser's patch size (pixels of latent per token, for a transformer).
 
     Such images do not map to whole latents: the VAE rounds them and the run trains on what it was not asked to.
     The factor is known once the model is built (it follows the autoencoder's config or pretrained folder), so this
     runs right after the model, before the dataloaders and the Trainer.
     """
-    factor = getattr(model, 'vae_scale_factor', None)
+    # The VAE factor times the denoiser's patch size (MMDiT: 2), when the model has a patch size.
+    factor = getattr(model, 'resolution_multiple', getattr(model, 'vae_scale_factor', None))
     if not isinstance(factor, int) or factor <= 1:
         return
+    vae_factor = getattr(model, 'vae_scale_factor', factor)
+    patch = f" times its denoiser's patch size ({factor // vae_factor})" if factor != vae_factor else ''
     for section in ('train_dataloader', 'eval_dataloader'):
         kwargs = _section(cfg[section])
         resolution = kwargs.get('resolution')
@@ -164,7 +170,7 @@ def check_resolution(cfg: DictConfig, model: Any) -> None:
             nearest = f'{lower} or {upper}' if lower else str(upper)
             raise ConfigError(
                 f'Invalid {section}.resolution={resolution}: expected a multiple of {factor}, the VAE factor of '
-                f'{cfg.model.name} (its vae_scale_factor, pixels per latent side), e.g. {nearest}.'
+                f'{cfg.model.name} (its vae_scale_factor, pixels per latent side){patch}, e.g. {nearest}.'
             )
 
 

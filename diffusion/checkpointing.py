@@ -572,6 +572,23 @@ def model_state_keys(model: nn.Module) -> set[str]:
     return keys
 
 
+def tied_weight_names(model: nn.Module) -> set[str]:
+    """The second and later names of weights shared between modules (T5's ``encoder.embed_tokens`` is its
+    ``shared`` embedding), as :func:`model_state_keys` spells names: a checkpoint may hold them or not.
+
+    ``set_model_state_dict`` matches a shared weight by its first name, while ``state_dict`` saves it under each.
+    """
+    from torch.distributed.checkpoint.state_dict import _get_fqns
+
+    seen: set[int] = set()
+    names: set[str] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            names.update(_get_fqns(model, name))
+        seen.add(id(param))
+    return names
+
+
 class StrictModelWeights(Callback):
     """Refuse a checkpoint whose model state lacks weights of the model or holds weights the model lacks.
 
@@ -616,7 +633,8 @@ class StrictModelWeights(Callback):
                 return  # an FSDP monolithic load: only rank 0 reads the weights
             model_state = {}
         expected = model_state_keys(state.model)
-        missing, unexpected = expected - set(model_state), set(model_state) - expected
+        tied = tied_weight_names(state.model)
+        missing, unexpected = expected - set(model_state) - tied, set(model_state) - expected - tied
         if not missing and not unexpected:
             return
         where = _last_validated or 'The checkpoint being loaded'

@@ -29,7 +29,7 @@ from diffusion import callbacks as our_callbacks
 from diffusion.data.image_caption import build_image_caption_dataloader
 from diffusion.data.latents import build_latent_dataloader
 from diffusion.data.replaced_sample_monitor import ReplacedSampleMonitor
-from diffusion.models import autoencoder, factories
+from diffusion.models import autoencoder, factories, sd3_factories
 from diffusion.models.registries import adapters, denoisers, objectives, text_conditioners
 from diffusion.utils import Registry
 
@@ -119,6 +119,8 @@ models.register_all(
         'tiny_stable_diffusion': factories.tiny_stable_diffusion,
         'stable_diffusion_xl': factories.stable_diffusion_xl,
         'tiny_stable_diffusion_xl': factories.tiny_stable_diffusion_xl,
+        'stable_diffusion_3': sd3_factories.stable_diffusion_3,
+        'tiny_stable_diffusion_3': sd3_factories.tiny_stable_diffusion_3,
         'autoencoder_kl': autoencoder.autoencoder_kl,
         'tiny_autoencoder': autoencoder.tiny_autoencoder,
     }

@@ -51,6 +51,13 @@ SUBSTITUTES['commoncanvas_xl_c.yaml'] = [*SUBSTITUTES['sdxl_base_fsdp.yaml'], '~
 SUBSTITUTES['commoncanvas_xl_nc.yaml'] = SUBSTITUTES['commoncanvas_xl_c.yaml']
 SUBSTITUTES['tiny_sdxl_cpu.yaml'] = [*TEST_XL_MODEL_OVERRIDES, 'train_dataloader.aspect_buckets=[[16,16],[16,24]]']
 SUBSTITUTES['tiny_sdxl_latents_cpu.yaml'] = TEST_XL_MODEL_OVERRIDES
+# The test VAE with 16 latent channels and a shift; 16px images are 8x8 latents, 4x4 MMDiT patches.
+SUBSTITUTES['tiny_mmdit_cpu.yaml'] = [
+    '+model.vae_config={block_out_channels:[8,16],down_block_types:[DownEncoderBlock2D,DownEncoderBlock2D],'
+    'up_block_types:[UpDecoderBlock2D,UpDecoderBlock2D],norm_num_groups:4,sample_size:16,latent_channels:16,'
+    'shift_factor:0.1}',
+    'model.max_length=8',
+]
 # fmt: skip
 
 

@@ -48,6 +48,7 @@ __all__ = [
     'SIZES',
     'SOURCE_URL_PREFIX',
     'TEXTURES',
+    'caption_corpus',
     'encode_image',
     'render_sample',
     'render_sample_with_mask',
@@ -263,6 +264,21 @@ def _caption(rng: np.random.Generator, count: int, size: str, color: str, shape:
     objects = f'{count_word} {size} {color} {shape_word}'
     template = _pick(rng, _CAPTION_TEMPLATES)
     return template.format(objects=objects, texture=texture, tone=tone)
+
+
+def caption_corpus(seed: int = 0) -> list[str]:
+    """One caption per object combination (count, size, colour, shape, texture, tone), in the words
+    and phrasings the data set uses (3,600), without rendering images. Offline tokenizers are trained on it."""
+    rng = np.random.default_rng(seed)
+    return [
+        _caption(rng, count, size, color, shape, texture, tone)
+        for count in COUNT_WORDS
+        for size in SIZES
+        for color in PALETTE
+        for shape in SHAPES
+        for texture in TEXTURES
+        for tone in BACKGROUND_TONES
+    ]
 
 
 def _license_fields(rng: np.random.Generator, index: int) -> dict[str, str]:

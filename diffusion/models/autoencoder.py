@@ -5,9 +5,10 @@ train a tiny one on the same data first and hand it to the diffusion run through
 ``from_pretrained``, the same path the real VAE takes. The loss is reconstruction (L1 or MSE) plus a small KL
 term (Rombach et al., 2022, without the perceptual and adversarial terms, which a tiny demo does not need).
 
-The model also keeps a running estimate of the latent standard deviation; :meth:`prepare_for_export` writes
+The model also keeps running estimates of the latent mean and standard deviation; :meth:`prepare_for_export` writes
 ``1 / std`` into the VAE config as its ``scaling_factor``, the way SD's 0.18215 was chosen, so that diffusion
-latents have unit variance.
+latents have unit variance, and with ``shift_latents`` the mean as its ``shift_factor`` (as SD3's 16-channel VAE
+has), so that they also have zero mean. ``vae_config: {latent_channels: 16}`` makes a 16-channel autoencoder.
 """
 
 from __future__ import annotations
@@ -34,11 +35,17 @@ class AutoencoderModel(ComposerModel):
         vae (AutoencoderKL): The autoencoder.
         kl_weight (float): Weight of the KL divergence to the unit Gaussian. Default: ``1e-6``.
         reconstruction_loss (str): ``'l1'`` or ``'mse'``. Default: ``'l1'``.
-        std_momentum (float): Momentum of the running latent standard deviation. Default: ``0.99``.
+        std_momentum (float): Momentum of the running latent mean and standard deviation. Default: ``0.99``.
+        shift_latents (bool): Export the running latent mean as the VAE's ``shift_factor``. Default: ``False``.
     """
 
     def __init__(
-        self, vae: AutoencoderKL, kl_weight: float = 1e-6, reconstruction_loss: str = 'l1', std_momentum: float = 0.99
+        self,
+        vae: AutoencoderKL,
+        kl_weight: float = 1e-6,
+        reconstruction_loss: str = 'l1',
+        std_momentum: float = 0.99,
+        shift_latents: bool = False,
     ):
         super().__init__()
         if reconstruction_loss not in RECONSTRUCTION_LOSSES:
@@ -48,7 +55,10 @@ class AutoencoderModel(ComposerModel):
         self.kl_weight = kl_weight
         self.reconstruction_loss = reconstruction_loss
         self.std_momentum = std_momentum
+        self.shift_latents = shift_latents
         self.register_buffer('latent_var', torch.ones(()))
+        if shift_latents:  # only then, so that checkpoints of unshifted autoencoders keep their keys
+            self.register_buffer('latent_mean', torch.zeros(()))
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (reconstruction (B, 3, H, W), posterior mean, posterior log-variance)."""
@@ -58,6 +68,8 @@ class AutoencoderModel(ComposerModel):
             with torch.no_grad():
                 var = latents.float().var()
                 self.latent_var.mul_(self.std_momentum).add_((1 - self.std_momentum) * var)
+                if self.shift_latents:
+                    self.latent_mean.mul_(self.std_momentum).add_((1 - self.std_momentum) * latents.float().mean())
         return self.vae.decode(latents).sample, posterior.mean, posterior.logvar
 
     def loss(self, outputs: tuple[torch.Tensor, ...], batch: dict[str, Any]) -> torch.Tensor:
@@ -83,8 +95,11 @@ class AutoencoderModel(ComposerModel):
         metric.update(outputs.float().clamp(-1, 1), batch['image'].float())
 
     def prepare_for_export(self) -> None:
-        """Set the VAE's ``scaling_factor`` to 1 / (running latent std) so that scaled latents have unit variance."""
+        """Set the VAE's ``scaling_factor`` to 1 / (running latent std) so that scaled latents have unit variance, and
+        with ``shift_latents`` its ``shift_factor`` to the running mean."""
         self.vae.register_to_config(scaling_factor=float(self.latent_var.clamp(min=1e-8).rsqrt()))
+        if self.shift_latents:
+            self.vae.register_to_config(shift_factor=float(self.latent_mean))
 
 
 def autoencoder_kl(

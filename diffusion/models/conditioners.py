@@ -62,6 +62,8 @@ class TextConditioner:
     embedding_columns: tuple[str, ...] = ('text_embeds',)
     #: Further batch columns the conditioning reads and precompute stores (SDXL's micro-conditioning).
     extra_columns: tuple[str, ...] = ()
+    #: Whether :attr:`pipeline_class` decodes with the VAE's ``shift_factor`` (SD3's does; SD's and SDXL's do not).
+    pipeline_applies_shift_factor: bool = False
 
     def __init__(self, components: dict[str, Any], caption_drop_prob: float = 0.0, train_text_encoder: bool = False):
         if not 0.0 <= caption_drop_prob <= 1.0:
@@ -141,6 +143,17 @@ class TextConditioner:
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Constructor arguments of :attr:`pipeline_class` besides the model's components and the scheduler."""
         return {}
+
+    def pipeline_prompt_kwargs(
+        self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]], num_images_per_prompt: int
+    ) -> dict[str, Any]:
+        """How the pipeline call gets the prompts: as text, which the pipeline encodes itself (this default), or as
+        embeddings this conditioner computes (when the pipeline would encode them otherwise than training does)."""
+        return {
+            'prompt': list(prompts),
+            'negative_prompt': None if negative_prompts is None else list(negative_prompts),
+            'num_images_per_prompt': num_images_per_prompt,
+        }
 
     def pipeline_call_kwargs(self, **conditioning: Any) -> dict[str, Any]:
         """Sampling arguments this conditioner adds to the pipeline call; unknown names are refused."""

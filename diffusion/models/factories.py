@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from diffusers import AutoencoderKL, DDPMScheduler
 
@@ -193,7 +193,7 @@ def latent_diffusion(
     denoiser: Mapping[str, Any],
     text_conditioner: Mapping[str, Any],
     vae_config: Optional[dict] = None,
-    objective: Optional[Mapping[str, Any]] = None,
+    objective: Optional[Union[str, Mapping[str, Any]]] = None,
     *,
     pretrained_model_name_or_path: Optional[str] = None,
     pretrained_components: Sequence[str] = (),
@@ -206,7 +206,8 @@ def latent_diffusion(
         denoiser (Mapping): ``{name: <denoisers entry>, <its arguments>}``, e.g. ``{name: unet, config: {...}}``.
         text_conditioner (Mapping): ``{name: <text_conditioners entry>, ...}``, e.g. ``{name: clip, ...}``.
         vae_config (dict, optional): ``AutoencoderKL`` arguments when the VAE is not loaded. Default: the SD VAE.
-        objective (Mapping, optional): ``{name: <objectives entry>, ...}``. Default: ``{name: ddpm}``.
+        objective (str | Mapping, optional): ``{name: <objectives entry>, ...}``, or a name alone for its defaults
+            (``rectified_flow``). Default: ``{name: ddpm}``.
         pretrained_model_name_or_path (str, optional): A diffusers pipeline folder or hub id.
         pretrained_components (Sequence[str]): Which of its components to load (``vae``, the denoiser's and the
             conditioner's component names, e.g. ``unet``, ``text_encoder``, ``tokenizer``).
@@ -222,7 +223,7 @@ def _compose(
     denoiser: Mapping[str, Any],
     text_conditioner: Mapping[str, Any],
     vae_config: Optional[dict],
-    objective: Optional[Mapping[str, Any]],
+    objective: Optional[Union[str, Mapping[str, Any]]],
     root: Optional[str],
     pretrained_components: Sequence[str],
     conditioner_first: bool = False,
@@ -253,10 +254,12 @@ def _compose(
 
 
 @forwards_kwargs(DDPMObjective, exclude=('noise_scheduler',))
-def _objective_section(objective: Optional[Mapping[str, Any]], **ddpm_kwargs: Any) -> dict[str, Any]:
+def _objective_section(objective: Optional[Union[str, Mapping[str, Any]]], **ddpm_kwargs: Any) -> dict[str, Any]:
     """The objective section: ``objective`` when given, else the DDPM objective of the flat keys."""
     if objective is None:
         return {'name': 'ddpm', **ddpm_kwargs}
+    if isinstance(objective, str):  # `model.objective: rectified_flow`: a name with its defaults
+        objective = {'name': objective}
     if ddpm_kwargs:
         raise ValueError(
             f'model.objective replaces the DDPM keys {sorted(ddpm_kwargs)}; move them into model.objective '
@@ -278,7 +281,7 @@ def build_stable_diffusion(
     train_text_encoder: bool = False,
     train_vae: bool = False,
     val_seed: int = 1138,
-    objective: Optional[Mapping[str, Any]] = None,
+    objective: Optional[Union[str, Mapping[str, Any]]] = None,
     **objective_kwargs: Any,
 ) -> StableDiffusion:
     """A UNet + CLIP model of the SD2 family from component configs, loading the ``pretrained_components``.
@@ -295,7 +298,8 @@ def build_stable_diffusion(
         caption_drop_prob (float): Fraction of training captions replaced by the empty caption. Default: ``0.0``.
         train_text_encoder (bool): Train the text encoder too. Default: ``False``.
         train_vae, val_seed: See :class:`StableDiffusion`.
-        objective (Mapping, optional): ``{name: ..., ...}`` of another objective; replaces the DDPM keys.
+        objective (str | Mapping, optional): ``{name: ..., ...}`` of another objective, or its name alone
+            (``model.objective: rectified_flow``); replaces the DDPM keys.
         **objective_kwargs: The DDPM objective's keys (``prediction_type``, ``zero_terminal_snr``,
             ``min_snr_gamma``, ``offset_noise``, ``inference_scheduler``, ...; see
             :class:`~diffusion.models.objectives.DDPMObjective`).
@@ -376,7 +380,7 @@ def build_stable_diffusion_xl(
     train_text_encoder: bool = False,
     train_vae: bool = False,
     val_seed: int = 1138,
-    objective: Optional[Mapping[str, Any]] = None,
+    objective: Optional[Union[str, Mapping[str, Any]]] = None,
     **objective_kwargs: Any,
 ) -> StableDiffusion:
     """An SDXL model: a ``text_time`` UNet with the SDXL text conditioner (two CLIPs, pooled, micro-conditioning).

@@ -10,10 +10,11 @@ and ``diffusion_adapters`` without editing this file. :mod:`diffusion.registry` 
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 from diffusion.models import conditioners as conditioner_classes
 from diffusion.models import denoisers as denoiser_classes
+from diffusion.models import mmdit, rectified_flow, t5_conditioners
 from diffusion.models import objectives as objective_classes
 from diffusion.utils import Registry, accepted_keys
 
@@ -24,25 +25,40 @@ text_conditioners = Registry('text_conditioners', 'Text encoders + tokenizers ->
 objectives = Registry('objectives', 'Training objectives: noising, target, timesteps, weights, inference scheduler.')
 adapters = Registry('adapters', 'Changes applied to the built model before the optimizer (Adapter).')
 
-denoisers.register_all({'unet': denoiser_classes.unet})
-text_conditioners.register_all({'clip': conditioner_classes.clip, 'sdxl_clip': conditioner_classes.sdxl_clip})
-objectives.register_all({'ddpm': objective_classes.DDPMObjective})
+denoisers.register_all({'unet': denoiser_classes.unet, 'mmdit': mmdit.mmdit})
+text_conditioners.register_all(
+    {
+        'clip': conditioner_classes.clip,
+        'sdxl_clip': conditioner_classes.sdxl_clip,
+        't5': t5_conditioners.t5,
+        'sd3': t5_conditioners.sd3,
+    }
+)
+objectives.register_all(
+    {'ddpm': objective_classes.DDPMObjective, 'rectified_flow': rectified_flow.RectifiedFlowObjective}
+)
 
 
 def build_component(
-    registry: Registry, section: Optional[Mapping[str, Any]], *, where: str, default: Optional[str] = None, **provided
+    registry: Registry,
+    section: Union[str, Mapping[str, Any], None],
+    *,
+    where: str,
+    default: Optional[str] = None,
+    **provided,
 ) -> Any:
     """Build a ``{name: ..., <kwargs>}`` section from ``registry``; ``provided`` arguments come from the code.
 
     Args:
         registry (Registry): Where the name is looked up.
-        section (Mapping, optional): The config section; ``None`` builds ``default`` with no arguments.
+        section (str | Mapping, optional): The config section, or a name alone for that component's defaults;
+            ``None`` builds ``default`` with no arguments.
         where (str): Config path for messages, e.g. ``'model.objective'``.
         default (str, optional): Name used when the section gives none.
         **provided: Arguments the caller fills (e.g. ``pretrained``) when the builder takes them; a config may
             not set them.
     """
-    kwargs = dict(section or {})
+    kwargs = {'name': section} if isinstance(section, str) else dict(section or {})
     name = kwargs.pop('name', default)
     if name is None:
         raise ValueError(f'{where} needs a name. Valid names: {", ".join(registry.names())}.')

@@ -17,9 +17,11 @@ One class serves every family. What varies is a component, each in its own modul
 
 The networks are held under the names a diffusers pipeline gives them (``unet``, ``vae``, ``text_encoder``,
 ``text_encoder_2``), so checkpoints keep the same state-dict keys whatever the family. Batch keys are those of
-:mod:`diffusion.data.batch`. Latents in a batch are never scaled: the autoencoder's scaling factor is applied in
+:mod:`diffusion.data.batch`. Latents in a batch are never scaled: the autoencoder's shift and scaling factor
+(``(z - shift_factor) * scaling_factor``; SD3's 16-channel VAE has a shift, the SD VAE none) are applied in
 :meth:`StableDiffusion.scale_latents` and nowhere else (scaling in a precompute script and again in the model is a
-known way to train on wrong latents).
+known way to train on wrong latents), and undone in :meth:`StableDiffusion.unscale_latents` where this code
+decodes.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from diffusion.data.batch import IMAGE_LATENT_KEYS
 from diffusion.models.conditioners import TextConditioner
 from diffusion.models.denoisers import Denoiser
 from diffusion.models.objectives import NoisedBatch, Objective
+from diffusion.utils import ConfigError
 
 __all__ = ['StableDiffusion']
 
@@ -47,8 +50,8 @@ class StableDiffusion(ComposerModel):
 
     Args:
         denoiser (Denoiser): The network to train, bound in a :class:`~diffusion.models.denoisers.Denoiser`.
-        vae (AutoencoderKL): Image autoencoder; latents are scaled by ``vae.config.scaling_factor`` in
-            :meth:`scale_latents`, and nowhere else.
+        vae (AutoencoderKL): Image autoencoder; latents are shifted by ``vae.config.shift_factor`` (when set) and
+            scaled by ``vae.config.scaling_factor`` in :meth:`scale_latents`, and nowhere else.
         conditioner (TextConditioner): Text encoders, tokenizers and caption dropout.
         objective (Objective): The training objective and its inference scheduler.
         train_vae (bool): Train the VAE decoder and encoder too. Default: ``False``.
@@ -67,6 +70,7 @@ class StableDiffusion(ComposerModel):
     ):
         super().__init__()
         denoiser.check_conditioning(conditioner.conditioning_shapes())
+        _check_latent_channels(denoiser, vae)
         self._denoiser_class = type(denoiser)
         setattr(self, denoiser.attribute, denoiser.network)
         self.vae = vae
@@ -102,6 +106,16 @@ class StableDiffusion(ComposerModel):
         return float(self.vae.config.scaling_factor)
 
     @property
+    def latent_shift_factor(self) -> float:
+        """The VAE's ``shift_factor`` (the latents' mean, subtracted before scaling); 0 when it has none."""
+        return float(self.vae.config.get('shift_factor') or 0.0)
+
+    @property
+    def resolution_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE factor times the denoiser's patch size (if it has one)."""
+        return self.vae_scale_factor * int(getattr(self.denoiser, 'patch_size', 1))
+
+    @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent along each side (8 for the SD VAE)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -133,8 +147,22 @@ class StableDiffusion(ComposerModel):
         return mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE latents times the scaling factor: the one place where the factor is applied."""
-        return latents.float() * self.latent_scaling_factor
+        """``(z - shift_factor) * scaling_factor`` of VAE latents: the one place where shift and factor are applied."""
+        shift = self.latent_shift_factor
+        latents = latents.float()
+        # Without a shift the SD and SDXL latents are computed exactly as before shift factors existed.
+        return (latents - shift if shift else latents) * self.latent_scaling_factor
+
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`scale_latents`: what the VAE decoder takes."""
+        return latents.float() / self.latent_scaling_factor + self.latent_shift_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1], float32, from scaled latents; decoded in fp32 like :meth:`vae_moments`."""
+        with torch.autocast(latents.device.type, enabled=False):
+            vae_dtype = next(self.vae.parameters()).dtype
+            images = self.vae.decode(self.unscale_latents(latents).to(vae_dtype)).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def encode_images(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Scaled latents (B, C, H/f, W/f): a sample of the VAE posterior times the scaling factor."""
@@ -289,6 +317,9 @@ class StableDiffusion(ComposerModel):
         elif negative_prompts is not None and len(negative_prompts) != len(prompts):
             raise ValueError(f'Got {len(negative_prompts)} negative prompts for {len(prompts)} prompts.')
         extra = self.conditioner.pipeline_call_kwargs(**conditioning)
+        # The SD and SDXL pipelines decode without the VAE's shift_factor: with one, they return latents and the
+        # model decodes them (unscale_latents), so that a shifted VAE samples correctly with any pipeline.
+        decode_here = self.latent_shift_factor != 0.0 and not self.conditioner.pipeline_applies_shift_factor
         generator = self._generators(seed, len(prompts) * num_images_per_prompt)
         was_training = self.training
         self.eval()
@@ -296,20 +327,32 @@ class StableDiffusion(ComposerModel):
             pipe = self.pipeline(scheduler)
             pipe.set_progress_bar_config(disable=not progress_bar)
             images = pipe(
-                prompt=prompts,
-                negative_prompt=None if negative_prompts is None else list(negative_prompts),
+                **self.conditioner.pipeline_prompt_kwargs(prompts, negative_prompts, num_images_per_prompt),
                 guidance_scale=guidance_scale,
                 num_inference_steps=num_inference_steps,
                 height=height,
                 width=width,
                 generator=generator,
-                num_images_per_prompt=num_images_per_prompt,
-                output_type='pt',
+                output_type='latent' if decode_here else 'pt',
                 **extra,
             ).images
+            if decode_here:
+                images = self.decode_latents(images)
         finally:
             self.train(was_training)
         return images.float()
+
+
+def _check_latent_channels(denoiser: Denoiser, vae: AutoencoderKL) -> None:
+    """Fail before training, in one line naming the keys, when the denoiser's channels are not the VAE's latents'."""
+    latent_channels = int(vae.config.latent_channels)
+    out_channels = int(getattr(denoiser.config, 'out_channels', None) or denoiser.in_channels)
+    if denoiser.in_channels != latent_channels or out_channels != latent_channels:
+        raise ConfigError(
+            f'Latent channel mismatch: model.vae_config.latent_channels={latent_channels} (the autoencoder) but the '
+            f'denoiser ({denoiser.attribute}) has in_channels={denoiser.in_channels}, out_channels={out_channels}; '
+            "set the denoiser config's in_channels and out_channels to the VAE's latent_channels."
+        )
 
 
 def get_denoiser(model: torch.nn.Module, caller: str) -> Denoiser:

@@ -169,7 +169,7 @@ def test_latent_diffusion_composes_the_tiny_sd2_components_by_name():
 
 
 def test_component_sections_name_the_bad_key():
-    with pytest.raises(ValueError, match=r'Unknown denoisers name .transformer.\. Valid names: unet'):
+    with pytest.raises(ValueError, match=r'Unknown denoisers name .transformer.\. Valid names: mmdit, unet'):
         latent_diffusion(denoiser={'name': 'transformer'}, text_conditioner={'name': 'clip'})
     with pytest.raises(ValueError, match=r'Unknown key model\.text_conditioner\.max_length'):
         latent_diffusion(denoiser={'name': 'unet', 'config': UNET}, text_conditioner={'name': 'clip', 'max_length': 3})
@@ -233,9 +233,9 @@ def test_an_adapter_that_cannot_merge_is_named_at_export(tmp_path):
 
 
 def test_component_registries_are_listed_with_the_others():
-    assert registry.denoisers.names() == ['unet']
-    assert registry.text_conditioners.names() == ['clip', 'sdxl_clip']
-    assert registry.objectives.names() == ['ddpm']
+    assert registry.denoisers.names() == ['mmdit', 'unet']
+    assert registry.text_conditioners.names() == ['clip', 'sd3', 'sdxl_clip', 't5']
+    assert registry.objectives.names() == ['ddpm', 'rectified_flow']
     assert 'latent_diffusion' in registry.models
 
 

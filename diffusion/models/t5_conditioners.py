@@ -1,0 +1,365 @@
+"""Text conditioners with T5: T5 alone (``t5``) and SD3's two CLIPs + T5 (``sd3``).
+
+Built on transformers (``T5EncoderModel``, ``CLIPTextModelWithProjection``, their tokenizers) and on diffusers'
+pipelines for sampling; the shared machinery (components held by the model, caption dropout, precomputed columns)
+is :class:`~diffusion.models.conditioners.TextConditioner`'s.
+
+T5 runs with its attention mask (padding is masked out of every layer) and its output is zeroed at padded
+positions, so the conditioning does not depend on what the pad tokens are; ``max_length`` tokens per caption
+(SD3: 256). Diffusers' SD3 pipeline runs T5 without a mask; so that sampling sees exactly the conditioning that
+training saw, :meth:`pipeline_prompt_kwargs` hands the pipeline the embeddings these classes compute
+(``prompt_embeds``, ...) instead of the prompts. ``use_attention_mask: false`` runs T5 as diffusers does.
+
+- :class:`T5TextConditioner`: ``text_embeds`` (B, max_length, d_model); a UNet's cross-attention context, sampled
+  through ``StableDiffusionPipeline``.
+- :class:`SD3TextConditioner`: as SD3's ``encode_prompt``: CLIP-L's and CLIP-G's penultimate hidden states
+  concatenated on the channel axis (768 + 1280), zero-padded to T5's width and concatenated with T5's tokens on
+  the sequence axis (77 + max_length tokens); ``pooled_text_embeds`` = both CLIPs' projected pooled outputs
+  concatenated (768 + 1280 = 2048). Sampled through ``StableDiffusion3Pipeline``.
+
+Caption dropout replaces a row's captions by the empty caption (all tokenizers), whose embedding is also what
+sampling uses for an empty negative prompt.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Collection, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+from torch import nn
+
+from diffusion.models.conditioners import TextConditioner, _tokenize
+from diffusion.models.t5 import T5_XXL_ENCODER_CONFIG, TINY_T5_CONFIG, build_t5_encoder, build_t5_tokenizer
+from diffusion.models.text_encoders import (
+    EOS_TOKEN,
+    SDXL_TEXT_ENCODER_2_CONFIG,
+    SDXL_TEXT_ENCODER_CONFIG,
+    build_clip_tokenizer,
+    build_text_encoder,
+)
+from diffusion.utils import ConfigError
+
+__all__ = ['SD3TextConditioner', 'T5TextConditioner', 'sd3', 't5']
+
+# SD3's CLIP-L: ViT-L/14's text tower with its 768-wide projection.
+SD3_CLIP_L_CONFIG = dict(SDXL_TEXT_ENCODER_CONFIG, projection_dim=768)
+SD3_CLIP_G_CONFIG = SDXL_TEXT_ENCODER_2_CONFIG
+_TINY_CLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, projection_dim=16)
+PRESETS = {
+    'sd3': {'clip_l': SD3_CLIP_L_CONFIG, 'clip_g': SD3_CLIP_G_CONFIG, 't5': T5_XXL_ENCODER_CONFIG},
+    'tiny': {
+        'clip_l': dict(SD3_CLIP_L_CONFIG, **_TINY_CLIP),
+        'clip_g': dict(SD3_CLIP_G_CONFIG, **_TINY_CLIP),
+        't5': TINY_T5_CONFIG,
+    },
+}
+
+
+def _t5_hidden_states(encoder: nn.Module, input_ids: torch.Tensor, pad_id: int, masked: bool) -> torch.Tensor:
+    """T5's last hidden state (B, L, D); with ``masked``, padding is masked in attention and zeroed in the output."""
+    input_ids = input_ids.to(encoder.device)
+    if not masked:
+        return encoder(input_ids)[0]
+    mask = (input_ids != pad_id).long()
+    hidden = encoder(input_ids, attention_mask=mask)[0]
+    return hidden * mask[..., None].to(hidden.dtype)
+
+
+class _EmbeddingPrompts:
+    """Caption dropout on tokens and sampling from embeddings, shared by the two conditioners."""
+
+    def _drop_tokens(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        first = next(iter(tokens.values()))
+        mask = self.drop_mask(first.shape[0], first.device)
+        empty = self.tokenize([''])
+        return {k: torch.where(mask[:, None], empty[k].to(v.device).expand_as(v), v) for k, v in tokens.items()}
+
+    def _drop_embeddings(self, embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        first = embeddings['text_embeds']
+        mask = self.drop_mask(first.shape[0], first.device)
+        if self._empty is None:
+            with torch.no_grad():
+                self._empty = self.text_embeddings([''])
+        out = {}
+        for key, value in embeddings.items():
+            empty = self._empty[key].to(value.device, value.dtype).expand_as(value)
+            out[key] = torch.where(mask.view(-1, *([1] * (value.ndim - 1))), empty, value)
+        return out
+
+    def conditioning(self, batch: dict[str, Any], drop_captions: bool, image_size: tuple[int, int]) -> dict:
+        drop = drop_captions and self.caption_drop_prob > 0
+        if 'text_embeds' in batch:
+            self._check_precomputed(batch)
+            embeddings = {column: batch[column] for column in self.embedding_columns}
+            return self._drop_embeddings(embeddings) if drop else embeddings
+        tokens = self._batch_tokens(batch)
+        return self.encode(self._drop_tokens(tokens) if drop else tokens)
+
+    def pipeline_prompt_kwargs(
+        self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]], num_images_per_prompt: int
+    ) -> dict[str, Any]:
+        negative_prompts = list(negative_prompts) if negative_prompts is not None else [''] * len(prompts)
+        with torch.no_grad():
+            positive, negative = self.text_embeddings(prompts), self.text_embeddings(negative_prompts)
+        return self._embedding_kwargs(positive, negative, num_images_per_prompt)
+
+
+class T5TextConditioner(_EmbeddingPrompts, TextConditioner):
+    """A T5 encoder's last hidden state, padding masked; see the module docstring.
+
+    Args:
+        text_encoder (T5EncoderModel): The encoder.
+        tokenizer (T5TokenizerFast): Its tokenizer; ``model_max_length`` tokens per caption.
+        use_attention_mask (bool): Mask and zero the padding (default), or run T5 on it as SD3's pipeline does.
+            Default: ``True``.
+        caption_drop_prob, train_text_encoder: See :class:`~diffusion.models.conditioners.TextConditioner`.
+    """
+
+    pipeline_class = StableDiffusionPipeline
+
+    def __init__(self, text_encoder: nn.Module, tokenizer: Any, use_attention_mask: bool = True, **kwargs: Any):
+        super().__init__({'text_encoder': text_encoder, 'tokenizer': tokenizer}, **kwargs)
+        self.use_attention_mask = use_attention_mask
+        self._empty: Optional[dict[str, torch.Tensor]] = None
+
+    def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {'input_ids': _tokenize(self.tokenizer, captions)}
+
+    def _batch_tokens(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {'input_ids': batch['input_ids']} if 'input_ids' in batch else self.tokenize(batch['captions'])
+
+    def encode(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``text_embeds`` (B, max_length, d_model)."""
+        encoder = self._get('text_encoder')
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
+            hidden = _t5_hidden_states(
+                encoder, tokens['input_ids'], self.tokenizer.pad_token_id, self.use_attention_mask
+            )
+        return {'text_embeds': hidden}
+
+    def conditioning_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {'text_embeds': (self.tokenizer.model_max_length, self._get('text_encoder').config.d_model)}
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        return {'safety_checker': None, 'feature_extractor': None, 'requires_safety_checker': False}
+
+    def _embedding_kwargs(self, positive: dict, negative: dict, num_images_per_prompt: int) -> dict[str, Any]:
+        # StableDiffusionPipeline repeats given embeddings num_images_per_prompt times itself.
+        return {
+            'prompt_embeds': positive['text_embeds'],
+            'negative_prompt_embeds': negative['text_embeds'],
+            'num_images_per_prompt': num_images_per_prompt,
+        }
+
+
+class SD3TextConditioner(_EmbeddingPrompts, TextConditioner):
+    """SD3's CLIP-L, CLIP-G (both with projection) and T5; see the module docstring.
+
+    Args:
+        text_encoder (CLIPTextModelWithProjection): CLIP ViT-L/14 text tower.
+        text_encoder_2 (CLIPTextModelWithProjection): OpenCLIP ViT-bigG/14 text tower.
+        text_encoder_3 (T5EncoderModel): T5 v1.1 XXL encoder.
+        tokenizer, tokenizer_2 (CLIPTokenizer): The CLIP tokenizers (77 tokens).
+        tokenizer_3 (T5TokenizerFast): T5's tokenizer; ``model_max_length`` tokens per caption.
+        use_attention_mask (bool): Mask and zero T5's padding. Default: ``True``.
+        caption_drop_prob, train_text_encoder: See :class:`~diffusion.models.conditioners.TextConditioner`.
+    """
+
+    pipeline_class = StableDiffusion3Pipeline
+    pipeline_applies_shift_factor = True
+    embedding_columns = ('text_embeds', 'pooled_text_embeds')
+
+    def __init__(
+        self,
+        text_encoder: nn.Module,
+        text_encoder_2: nn.Module,
+        text_encoder_3: nn.Module,
+        tokenizer: Any,
+        tokenizer_2: Any,
+        tokenizer_3: Any,
+        use_attention_mask: bool = True,
+        **kwargs: Any,
+    ):
+        components = {
+            'text_encoder': text_encoder,
+            'text_encoder_2': text_encoder_2,
+            'text_encoder_3': text_encoder_3,
+            'tokenizer': tokenizer,
+            'tokenizer_2': tokenizer_2,
+            'tokenizer_3': tokenizer_3,
+        }
+        super().__init__(components, **kwargs)
+        self.use_attention_mask = use_attention_mask
+        self._empty: Optional[dict[str, torch.Tensor]] = None
+        clip_width = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+        if clip_width > text_encoder_3.config.d_model:
+            raise ConfigError(
+                f'Invalid model.text_conditioner: the CLIP hidden states ({clip_width} wide together) must fit in '
+                f"T5's width (d_model {text_encoder_3.config.d_model}), which they are zero-padded to."
+            )
+
+    def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {
+            'input_ids': _tokenize(self._get('tokenizer'), captions),
+            'input_ids_2': _tokenize(self._get('tokenizer_2'), captions),
+            'input_ids_3': _tokenize(self._get('tokenizer_3'), captions),
+        }
+
+    def _batch_tokens(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        keys = ('input_ids', 'input_ids_2', 'input_ids_3')
+        if all(key in batch for key in keys):
+            return {key: batch[key] for key in keys}
+        if 'captions' in batch:
+            return self.tokenize(batch['captions'])
+        raise KeyError(
+            f'SD3 batches need "captions" (or {list(keys)}, or "text_embeds"); the batch has {sorted(batch)}.'
+        )
+
+    def encode(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``text_embeds`` (B, 77 + max_length, d_model of T5) and ``pooled_text_embeds`` (B, P_L + P_G)."""
+        clip_l, clip_g, t5 = (self._get(n) for n in ('text_encoder', 'text_encoder_2', 'text_encoder_3'))
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
+            first = clip_l(tokens['input_ids'].to(clip_l.device), output_hidden_states=True)
+            second = clip_g(tokens['input_ids_2'].to(clip_g.device), output_hidden_states=True)
+            pad_id = self._get('tokenizer_3').pad_token_id
+            t5_hidden = _t5_hidden_states(t5, tokens['input_ids_3'], pad_id, self.use_attention_mask)
+        clip_hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        clip_hidden = F.pad(clip_hidden, (0, t5_hidden.shape[-1] - clip_hidden.shape[-1])).to(t5_hidden.device)
+        context = torch.cat([clip_hidden.to(t5_hidden.dtype), t5_hidden], dim=-2)
+        pooled = torch.cat([first.text_embeds, second.text_embeds], dim=-1)
+        return {'text_embeds': context, 'pooled_text_embeds': pooled}
+
+    def conditioning_shapes(self) -> dict[str, tuple[int, ...]]:
+        length = self._get('tokenizer').model_max_length + self._get('tokenizer_3').model_max_length
+        pooled = self._get('text_encoder').config.projection_dim + self._get('text_encoder_2').config.projection_dim
+        return {'text_embeds': (length, self._get('text_encoder_3').config.d_model), 'pooled_text_embeds': (pooled,)}
+
+    def _embedding_kwargs(self, positive: dict, negative: dict, num_images_per_prompt: int) -> dict[str, Any]:
+        # StableDiffusion3Pipeline does not repeat given embeddings: repeat them here, prompt-major, and ask for one
+        # image per (repeated) prompt.
+        def repeat(value: torch.Tensor) -> torch.Tensor:
+            return value.repeat_interleave(num_images_per_prompt, dim=0)
+
+        return {
+            'prompt_embeds': repeat(positive['text_embeds']),
+            'pooled_prompt_embeds': repeat(positive['pooled_text_embeds']),
+            'negative_prompt_embeds': repeat(negative['text_embeds']),
+            'negative_pooled_prompt_embeds': repeat(negative['pooled_text_embeds']),
+            'num_images_per_prompt': 1,
+        }
+
+
+def _merged(preset: dict, overrides: Optional[dict]) -> dict:
+    return {**preset, **{k: tuple(v) if isinstance(v, list) else v for k, v in (overrides or {}).items()}}
+
+
+def _check_preset(preset: str) -> dict:
+    if preset not in PRESETS:
+        raise ConfigError(f'Invalid model.text_conditioner.preset={preset!r}: expected one of {", ".join(PRESETS)}.')
+    return PRESETS[preset]
+
+
+def t5(
+    text_encoder_config: Optional[dict] = None,
+    *,
+    preset: str = 'tiny',
+    max_length: int = 256,
+    use_attention_mask: bool = True,
+    pretrained: Optional[str] = None,
+    load: Collection[str] = (),
+    caption_drop_prob: float = 0.0,
+    train_text_encoder: bool = False,
+) -> T5TextConditioner:
+    """T5 alone: a ``T5EncoderModel`` and its tokenizer, each built (preset + ``text_encoder_config``) or loaded.
+
+    Args:
+        text_encoder_config (dict, optional): ``T5Config`` fields over the preset's.
+        preset (str): ``'tiny'`` (CPU) or ``'sd3'`` (T5 v1.1 XXL's encoder). Default: ``'tiny'``.
+        max_length (int): Tokens per caption. Default: ``256``.
+        use_attention_mask (bool): See :class:`T5TextConditioner`. Default: ``True``.
+        pretrained (str, optional): A diffusers pipeline folder or hub id with ``text_encoder`` and ``tokenizer``.
+        load (Collection[str]): Which of ``text_encoder`` and ``tokenizer`` to load from ``pretrained``.
+        caption_drop_prob, train_text_encoder: See :class:`~diffusion.models.conditioners.TextConditioner`.
+    """
+    config = _merged(_check_preset(preset)['t5'], text_encoder_config)
+    encoder = (
+        build_t5_encoder(pretrained=pretrained, subfolder='text_encoder')
+        if pretrained is not None and 'text_encoder' in load
+        else build_t5_encoder(config)
+    )
+    tokenizer = (
+        build_t5_tokenizer(pretrained, max_length, subfolder='tokenizer')
+        if pretrained is not None and 'tokenizer' in load
+        else build_t5_tokenizer(max_length=max_length)
+    )
+    return T5TextConditioner(
+        encoder,
+        tokenizer,
+        use_attention_mask=use_attention_mask,
+        caption_drop_prob=caption_drop_prob,
+        train_text_encoder=train_text_encoder,
+    )
+
+
+def sd3(
+    text_encoder_config: Optional[dict] = None,
+    text_encoder_2_config: Optional[dict] = None,
+    text_encoder_3_config: Optional[dict] = None,
+    *,
+    preset: str = 'tiny',
+    max_length: int = 256,
+    use_attention_mask: bool = True,
+    pretrained: Optional[str] = None,
+    load: Collection[str] = (),
+    caption_drop_prob: float = 0.0,
+    train_text_encoder: bool = False,
+) -> SD3TextConditioner:
+    """SD3's conditioner: CLIP-L and CLIP-G with projection, T5, and their tokenizers, each built or loaded.
+
+    Args:
+        text_encoder_config, text_encoder_2_config (dict, optional): ``CLIPTextConfig`` fields over the preset's.
+        text_encoder_3_config (dict, optional): ``T5Config`` fields over the preset's.
+        preset (str): ``'tiny'`` (CPU) or ``'sd3'`` (the published shapes). Default: ``'tiny'``.
+        max_length (int): T5 tokens per caption. Default: ``256`` (SD3).
+        use_attention_mask (bool): See :class:`SD3TextConditioner`. Default: ``True``.
+        pretrained (str, optional): A diffusers SD3 pipeline folder or hub id.
+        load (Collection[str]): Which of ``text_encoder[_2, _3]`` and ``tokenizer[_2, _3]`` to load.
+        caption_drop_prob, train_text_encoder: See :class:`~diffusion.models.conditioners.TextConditioner`.
+    """
+    configs = _check_preset(preset)
+    encoders = []
+    for name, key, overrides in (
+        ('text_encoder', 'clip_l', text_encoder_config),
+        ('text_encoder_2', 'clip_g', text_encoder_2_config),
+    ):
+        if pretrained is not None and name in load:
+            encoders.append(
+                build_text_encoder(pretrained=pretrained, subfolder=name, use_safetensors=True, with_projection=True)
+            )
+        else:
+            encoders.append(build_text_encoder(_merged(configs[key], overrides), with_projection=True))
+    if pretrained is not None and 'text_encoder_3' in load:
+        encoders.append(build_t5_encoder(pretrained=pretrained, subfolder='text_encoder_3'))
+    else:
+        encoders.append(build_t5_encoder(_merged(configs['t5'], text_encoder_3_config)))
+    # SD3's CLIP-L tokenizer pads with the end token, the CLIP-G one with '!', as SDXL's.
+    tokenizers = [
+        build_clip_tokenizer(pretrained, subfolder=name)
+        if pretrained is not None and name in load
+        else build_clip_tokenizer(pad_token=pad)
+        for name, pad in (('tokenizer', EOS_TOKEN), ('tokenizer_2', '!'))
+    ]
+    tokenizers.append(
+        build_t5_tokenizer(pretrained, max_length, subfolder='tokenizer_3')
+        if pretrained is not None and 'tokenizer_3' in load
+        else build_t5_tokenizer(max_length=max_length)
+    )
+    return SD3TextConditioner(
+        *encoders,
+        *tokenizers,
+        use_attention_mask=use_attention_mask,
+        caption_drop_prob=caption_drop_prob,
+        train_text_encoder=train_text_encoder,
+    )
