@@ -105,6 +105,11 @@ class _EmbeddingPrompts:
             positive, negative = self.text_embeddings(prompts), self.text_embeddings(negative_prompts)
         return self._embedding_kwargs(positive, negative, num_images_per_prompt)
 
+    def export_kwargs(self) -> dict[str, Any]:
+        """What an export records beside the pipeline's configs, which have no place for it (T5's mask); the
+        loader hands it back to the constructor (:mod:`diffusion.inference.loading`)."""
+        return {'use_attention_mask': self.use_attention_mask}
+
 
 class T5TextConditioner(_EmbeddingPrompts, TextConditioner):
     """A T5 encoder's last hidden state, padding masked; see the module docstring.
@@ -235,6 +240,50 @@ class SD3TextConditioner(_EmbeddingPrompts, TextConditioner):
         length = self._get('tokenizer').model_max_length + self._get('tokenizer_3').model_max_length
         pooled = self._get('text_encoder').config.projection_dim + self._get('text_encoder_2').config.projection_dim
         return {'text_embeds': (length, self._get('text_encoder_3').config.d_model), 'pooled_text_embeds': (pooled,)}
+
+    def card_usage(self) -> list[str]:
+        """Python lines for the model card that sample the exported folder with plain diffusers and get this
+        model's images: T5's token count is passed (diffusers defaults to 256), and with a masked T5 the T5 part
+        of the embeddings is recomputed with the mask, padding zeroed, since diffusers runs T5 without one."""
+        n = self._get('tokenizer_3').model_max_length
+        lines = [
+            'import torch',
+            'from diffusers import StableDiffusion3Pipeline',
+            '',
+            "pipe = StableDiffusion3Pipeline.from_pretrained('path/to/this/folder')",
+            f'n = pipe.tokenizer_3.model_max_length  # {n}: the T5 tokens per caption the model was trained with',
+            "prompts, negative = ['a lighthouse on a cliff at sunset'], ['']",
+        ]
+        if not self.use_attention_mask:
+            return lines + [
+                'image = pipe(prompts, max_sequence_length=n, num_inference_steps=28, guidance_scale=5.0).images[0]',
+                "image.save('lighthouse.png')",
+            ]
+        return lines + [
+            '',
+            '',
+            'def t5(texts):  # the model was trained with T5 padding masked and zeroed; diffusers does not mask',
+            "    tok = pipe.tokenizer_3(texts, padding='max_length', max_length=n, truncation=True,",
+            "                           return_tensors='pt')",
+            '    hidden = pipe.text_encoder_3(tok.input_ids, attention_mask=tok.attention_mask)[0]',
+            '    return hidden * tok.attention_mask[..., None]',
+            '',
+            '',
+            'with torch.no_grad():',
+            '    embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(',
+            '        prompts, prompts, prompts, negative_prompt=negative, max_sequence_length=n',
+            '    )',
+            '    embeds[:, -n:], negative_embeds[:, -n:] = t5(prompts), t5(negative)',
+            'image = pipe(',
+            '    prompt_embeds=embeds,',
+            '    negative_prompt_embeds=negative_embeds,',
+            '    pooled_prompt_embeds=pooled,',
+            '    negative_pooled_prompt_embeds=negative_pooled,',
+            '    num_inference_steps=28,',
+            '    guidance_scale=5.0,',
+            ').images[0]',
+            "image.save('lighthouse.png')",
+        ]
 
     def _embedding_kwargs(self, positive: dict, negative: dict, num_images_per_prompt: int) -> dict[str, Any]:
         # StableDiffusion3Pipeline does not repeat given embeddings: repeat them here, prompt-major, and ask for one
