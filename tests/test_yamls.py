@@ -59,6 +59,19 @@ SUBSTITUTES['tiny_mmdit_cpu.yaml'] = [
     'shift_factor:0.1}',
     'model.max_length=8',
 ]
+SUBSTITUTES['sd3_medium_fsdp.yaml'] = [
+    'model.name=tiny_stable_diffusion_3',
+    *SUBSTITUTES['tiny_mmdit_cpu.yaml'],
+    '~model.pretrained_model_name_or_path',
+    '~model.pretrained_components',
+    '~train_dataloader.local',
+    'train_dataloader.batch_size=4',
+    'precision=fp32',
+    'autoresume=false',
+]
+# The synthetic data mix NC licenses in: the license guard has its own test.
+SUBSTITUTES['commoncanvas_mmdit_c.yaml'] = [*SUBSTITUTES['sd3_medium_fsdp.yaml'], '~train_dataloader.license_preset']
+SUBSTITUTES['commoncanvas_mmdit_nc.yaml'] = SUBSTITUTES['sd3_medium_fsdp.yaml']
 # The same model overrides as the precompute that writes its shards (tests/pipeline/test_precompute_t5.py).
 SUBSTITUTES['tiny_mmdit_latents_cpu.yaml'] = MMDIT_OVERRIDES
 # fmt: skip
