@@ -72,6 +72,14 @@ SUBSTITUTES['sd3_medium_fsdp.yaml'] = [
 # The synthetic data mix NC licenses in: the license guard has its own test.
 SUBSTITUTES['commoncanvas_mmdit_c.yaml'] = [*SUBSTITUTES['sd3_medium_fsdp.yaml'], '~train_dataloader.license_preset']
 SUBSTITUTES['commoncanvas_mmdit_nc.yaml'] = SUBSTITUTES['sd3_medium_fsdp.yaml']
+# The demo autoencoder's 4 channels, unshifted, as the test VAE.
+SUBSTITUTES['demo_mmdit.yaml'] = [
+    TEST_VAE[:-1] + ',latent_channels:4}',
+    'model.max_length=8',
+    '~model.pretrained_model_name_or_path',
+    '~model.pretrained_components',
+    'eval_dataloader.remote={data}',
+]
 # The same model overrides as the precompute that writes its shards (tests/pipeline/test_precompute_t5.py).
 SUBSTITUTES['tiny_mmdit_latents_cpu.yaml'] = MMDIT_OVERRIDES
 # fmt: skip
