@@ -174,6 +174,16 @@ def check_resolution(cfg: DictConfig, model: Any) -> None:
             )
 
 
+def check_precomputed_text(model: Any, dataloaders: dict[str, Any]) -> None:
+    """Refuse, before training, precomputed text embeddings that another text encoder or length produced: the
+    shards' record (e.g. T5's ``t5_encoder`` and ``t5_max_length``) is checked by the model's text conditioner."""
+    check = getattr(getattr(model, 'conditioner', None), 'check_precomputed_record', None)
+    for where, loader in dataloaders.items():
+        record = getattr(getattr(loader, 'dataset', None), 'precomputed_record', None)
+        if check is not None and record is not None:
+            check(record(), where)
+
+
 def _is_checkpoint_file(name: str) -> bool:
     """A file a Composer save writes: a ``.pt`` (or the ``latest`` link), its manifest, a sharded folder's files."""
     base = name.rsplit('/', 1)[-1]
@@ -284,6 +294,7 @@ def build_trainer(cfg: Any) -> Trainer:
     eval_dataloader = None
     if cfg.eval_dataloader:
         eval_dataloader = build_dataloader(cfg.eval_dataloader, model, 'eval_dataloader')
+    check_precomputed_text(model, {'train_dataloader': train_dataloader, 'eval_dataloader': eval_dataloader})
     optimizer = build_optimizer(cfg.optimizer, model)
     scheduler = None
     if cfg.scheduler:

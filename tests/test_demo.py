@@ -50,3 +50,39 @@ def test_demo_pipeline_runs_end_to_end(synthetic_dataset, tmp_path):
     assert (sd_folder / 'checkpoints' / 'ep0-ba4-rank0.pt').exists()
     log = (sd_folder / 'log.txt').read_text()
     assert 'metrics/eval/MeanSquaredError' in log and 'prompt_following/color' in log
+
+
+@pytest.mark.slow
+def test_demo_mmdit_starts_on_the_demo_autoencoder_and_prints_the_colour_score(synthetic_dataset, tmp_path):
+    ae_folder, mmdit_folder = tmp_path / 'ae', tmp_path / 'mmdit'
+    run_composer(
+        'yamls/demo_autoencoder.yaml',
+        f'train_dataloader.remote={synthetic_dataset}',
+        'max_duration=2ba',
+        f'run_folder={ae_folder}',
+        'progress_bar=false',
+    )
+    out = run_composer(
+        'yamls/demo_mmdit.yaml',
+        f'model.pretrained_model_name_or_path={ae_folder}/pretrained',
+        f'train_dataloader.remote={synthetic_dataset}',
+        f'eval_dataloader.remote={synthetic_dataset}',
+        'eval_dataloader.batch_size=32',
+        'max_duration=3ba',
+        'eval_interval=3ba',
+        'save_interval=3ba',
+        f'run_folder={mmdit_folder}',
+        'progress_bar=false',
+        'callbacks.log_diffusion_images.interval=3ba',
+        'callbacks.log_diffusion_images.num_inference_steps=2',
+        'callbacks.prompt_following.seeds=[0]',
+        'callbacks.prompt_following.num_inference_steps=2',
+    )
+    score = re.search(r'^prompt_following_color: (\d\.\d\d)$', out, re.MULTILINE)
+    assert score, out[-2000:]
+    results = json.loads((mmdit_folder / 'demo_results.json').read_text())
+    assert round(results['color'], 2) == float(score.group(1)) and results['batch'] == 3
+    with Image.open(mmdit_folder / 'samples.png') as grid:
+        assert grid.size == (6 * 32 + 7 * 2, 4 * 32 + 5 * 2)
+    log = (mmdit_folder / 'log.txt').read_text()
+    assert 'metrics/eval/MeanSquaredError' in log and 'prompt_following/color' in log

@@ -8,6 +8,7 @@ import pytest
 from diffusion.builders import build_trainer
 from diffusion.config import load_config
 from tests.conftest import REPO_ROOT, TEST_MODEL_OVERRIDES, TEST_XL_MODEL_OVERRIDES, TINY_YAML, tiny_config
+from tests.pipeline.test_precompute_t5 import MMDIT_OVERRIDES
 
 YAMLS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO_ROOT, 'yamls', '*.yaml')))
 TEST_VAE = ('+model.vae_config={block_out_channels:[8,16],down_block_types:[DownEncoderBlock2D,DownEncoderBlock2D],'
@@ -58,6 +59,29 @@ SUBSTITUTES['tiny_mmdit_cpu.yaml'] = [
     'shift_factor:0.1}',
     'model.max_length=8',
 ]
+SUBSTITUTES['sd3_medium_fsdp.yaml'] = [
+    'model.name=tiny_stable_diffusion_3',
+    *SUBSTITUTES['tiny_mmdit_cpu.yaml'],
+    '~model.pretrained_model_name_or_path',
+    '~model.pretrained_components',
+    '~train_dataloader.local',
+    'train_dataloader.batch_size=4',
+    'precision=fp32',
+    'autoresume=false',
+]
+# The synthetic data mix NC licenses in: the license guard has its own test.
+SUBSTITUTES['commoncanvas_mmdit_c.yaml'] = [*SUBSTITUTES['sd3_medium_fsdp.yaml'], '~train_dataloader.license_preset']
+SUBSTITUTES['commoncanvas_mmdit_nc.yaml'] = SUBSTITUTES['sd3_medium_fsdp.yaml']
+# The demo autoencoder's 4 channels, unshifted, as the test VAE.
+SUBSTITUTES['demo_mmdit.yaml'] = [
+    TEST_VAE[:-1] + ',latent_channels:4}',
+    'model.max_length=8',
+    '~model.pretrained_model_name_or_path',
+    '~model.pretrained_components',
+    'eval_dataloader.remote={data}',
+]
+# The same model overrides as the precompute that writes its shards (tests/pipeline/test_precompute_t5.py).
+SUBSTITUTES['tiny_mmdit_latents_cpu.yaml'] = MMDIT_OVERRIDES
 # fmt: skip
 
 
@@ -75,9 +99,12 @@ def test_every_yaml_builds_a_trainer(name, synthetic_dataset, tmp_path):
     if cfg.train_dataloader.name == 'latents':
         from tests.models.test_sdxl_training import precompute_sdxl
         from tests.pipeline.test_precompute import precompute
+        from tests.pipeline.test_precompute_t5 import precompute_mmdit
 
         data = str(tmp_path / 'latents')
-        (precompute_sdxl if 'sdxl' in cfg.model.name else precompute)(synthetic_dataset, data)
+        name_of = cfg.model.name
+        writer = precompute_sdxl if 'sdxl' in name_of else precompute_mmdit if 'diffusion_3' in name_of else precompute
+        writer(synthetic_dataset, data)
     overrides = [o.replace('{data}', data) for o in SUBSTITUTES[name]]
     overrides += [f'train_dataloader.remote={data}', f'run_folder={tmp_path}/run', 'save_folder=null']
     if 'resolution' in cfg.train_dataloader:

@@ -3,7 +3,9 @@
 Reads the shards that ``python -m diffusion.pipeline precompute`` writes (built on mosaicml-streaming's
 ``StreamingDataset`` and its ``ndarray`` encoding): the VAE posterior's moments ``image_latents_mean`` and
 ``image_latents_std`` (or a sample, ``image_latents``), unscaled, and the text encoder's ``text_embeds`` (plus
-``pooled_text_embeds`` when the model has one), stored in fp16, bf16 or fp32 and returned as fp32 tensors. The model
+``pooled_text_embeds`` when the model has one; T5 conditioners store ``t5_embeds`` cut to each caption's tokens,
+padded back here to ``t5_max_length`` with zeros and a ``t5_attention_mask``, and SD3's ``clip_embeds``), stored in
+fp16, bf16 or fp32 and returned as fp32 tensors. The model
 samples the posterior and applies the VAE scaling factor, so neither happens here. Provenance columns ride along.
 Through :class:`~diffusion.data.faults.FaultTolerantStreamingDataset`, shards are checked and a sample holding
 NaN or inf is replaced by the next usable one (``replaced = 1``).
@@ -26,12 +28,16 @@ __all__ = [
     'LATENT_COLUMNS',
     'StreamingLatentDataset',
     'build_latent_dataloader',
+    'T5_RECORD_COLUMNS',
     'from_stored',
+    'pad_t5',
     'to_stored',
 ]
 
 # Tensor columns a latent shard may hold; each is returned when present (see diffusion.data.batch).
-LATENT_COLUMNS = (*IMAGE_LATENT_KEYS, 'text_embeds', 'pooled_text_embeds')
+LATENT_COLUMNS = (*IMAGE_LATENT_KEYS, 'text_embeds', 'pooled_text_embeds', 'clip_embeds', 't5_embeds')
+#: Columns that record what made a shard's T5 states (checked against the model before training).
+T5_RECORD_COLUMNS = ('t5_max_length', 't5_encoder')
 STORAGE_DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
 
@@ -49,6 +55,16 @@ def from_stored(array: np.ndarray, dtype: str) -> torch.Tensor:
     return (tensor.view(torch.bfloat16) if dtype == 'bfloat16' else tensor).float()
 
 
+def pad_t5(states: torch.Tensor, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 states (L, D) stored trimmed, padded with zeros to (max_length, D), and their attention mask (max_length,)."""
+    length = states.shape[0]
+    if length > max_length:
+        raise ValueError(f'A stored T5 embedding has {length} tokens, more than its t5_max_length={max_length}.')
+    mask = torch.zeros(max_length, dtype=torch.long)
+    mask[:length] = 1
+    return torch.nn.functional.pad(states, (0, 0, 0, max_length - length)), mask
+
+
 class StreamingLatentDataset(FaultTolerantStreamingDataset):
     """Precomputed latents and text embeddings as fp32 tensors, with ``captions``, ``sample_index`` and ``replaced``.
 
@@ -58,10 +74,18 @@ class StreamingLatentDataset(FaultTolerantStreamingDataset):
             (``remote``, ``local``, ``shuffle``, ``batch_size``, ...).
     """
 
+    def precomputed_record(self) -> dict[str, Any]:
+        """What made the shards' T5 states (:data:`T5_RECORD_COLUMNS`, from the first sample); empty without them."""
+        if not self.num_samples:
+            return {}
+        sample = self.get_item(0)
+        return {key: sample[key] for key in T5_RECORD_COLUMNS if key in sample}
+
     def load_sample(self, index: int) -> dict[str, Any]:
         """Sample ``index`` as fp32 tensors; :class:`UnusableSample` when a tensor holds NaN or inf."""
         sample = self.get_item(index)
-        if 'text_embeds' not in sample or not ({'image_latents', 'image_latents_mean'} & set(sample)):
+        has_text = 'text_embeds' in sample or 't5_embeds' in sample
+        if not has_text or not ({'image_latents', 'image_latents_mean'} & set(sample)):
             raise KeyError(
                 f'Sample {index} is not a precomputed-latent sample (columns {sorted(sample)}); '
                 'write such shards with `python -m diffusion.pipeline precompute`.'
@@ -72,6 +96,8 @@ class StreamingLatentDataset(FaultTolerantStreamingDataset):
         if non_finite:
             source = sample.get('source_url') or sample.get('key') or None
             raise UnusableSample('non_finite', f'{", ".join(non_finite)} hold NaN or inf', source)
+        if 't5_embeds' in out:  # trimmed to the caption's tokens: pad back with zeros, as a masked T5 leaves them
+            out['t5_embeds'], out['t5_attention_mask'] = pad_t5(out['t5_embeds'], int(sample['t5_max_length']))
         for key in MICRO_CONDITIONING_KEYS:  # SDXL's size and crop conditioning, (height, width) / (top, left)
             if key in sample:
                 out[key] = torch.tensor(np.array(sample[key]), dtype=torch.long)

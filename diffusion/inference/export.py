@@ -1,13 +1,16 @@
 """Export a trained model: ``python -m diffusion.inference.export --checkpoint ... --out dir/``.
 
-Writes a diffusers pipeline folder (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``, whatever the
-model's ``pipeline()`` returns) with diffusers' ``save_pretrained(safe_serialization=True)``, so every weight file
-is safetensors and nothing is pickled; the EMA weights when the checkpoint has them (see
-:mod:`diffusion.inference.loading`). On request it also writes the single-file checkpoint in the original layout
-that ComfyUI and similar tools load (:mod:`diffusion.models.single_file`), and always the model card
-(:mod:`diffusion.inference.model_card`) with the training data's license mix, its provenance report and attribution
-manifest copied beside it. A ``--provenance`` report whose dataset fingerprint differs from the one the checkpoint
-recorded for its training data is refused before anything is written, unless ``--force-provenance``.
+Writes a diffusers pipeline folder (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or
+``StableDiffusion3Pipeline``, whatever the model's ``pipeline()`` returns; a rectified-flow model's scheduler is
+``FlowMatchEulerDiscreteScheduler`` with its shift, which the loader turns back into the objective) with diffusers'
+``save_pretrained(safe_serialization=True)``, so every weight file is safetensors and nothing is pickled; the EMA
+weights when the checkpoint has them (see :mod:`diffusion.inference.loading`). On request it also writes the
+single-file checkpoint in the original layout that ComfyUI and similar tools load
+(:mod:`diffusion.models.single_file`), and always the model card (:mod:`diffusion.inference.model_card`; for SD3 its
+example shows how plain diffusers gets this model's T5 conditioning) with the training data's license mix, its
+provenance report and attribution manifest copied beside it. A ``--provenance`` report whose dataset fingerprint
+differs from the one the checkpoint recorded for its training data is refused before anything is written, unless
+``--force-provenance``.
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
+import json
 import os
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from diffusion.inference.loading import load_checkpoint
+from diffusion.inference.loading import CONDITIONING_FILE, load_checkpoint
 from diffusion.inference.model_card import (
     ProvenanceMismatchError,
     check_attribution_url,
@@ -97,6 +101,11 @@ def export_model(
         # A plain diffusers pipeline has no adapters: merge them into a copy's base weights (the model is unchanged).
         model = merge_adapters(copy.deepcopy(model))
     pipeline = _cast(model.pipeline(), DTYPES[dtype])
+    if single_file and pipeline.components.get('unet') is None:  # before anything is written
+        raise ValueError(
+            f'--single-file: the single-file layout holds a UNet model (SD2, SDXL); a {type(pipeline).__name__} '
+            'has none. Export the diffusers folder alone.'
+        )
     os.makedirs(out_dir, exist_ok=True)
     pipeline.save_pretrained(out_dir, safe_serialization=True)
     pickles = [
@@ -107,6 +116,10 @@ def export_model(
     ]
     if pickles:
         raise RuntimeError(f'The export folder holds pickled weights, which it must not: {pickles}')
+    export_kwargs = getattr(model.conditioner, 'export_kwargs', None)
+    if export_kwargs is not None:  # what the pipeline's configs cannot hold (T5's mask), for the loader
+        with open(os.path.join(out_dir, CONDITIONING_FILE), 'w') as f:
+            json.dump(export_kwargs(), f, indent=2, sort_keys=True)
     written = {'pipeline': out_dir}
     if single_file:
         path = _single_file_path(single_file, out_dir)

@@ -46,9 +46,11 @@ from diffusion.config import load_config, validate_config
 from diffusion.data.fingerprint import STATE_KEY as FINGERPRINT_KEY
 from diffusion.models.factories import from_pipeline, pipeline_names
 from diffusion.models.noise import INFERENCE_SCHEDULERS
+from diffusion.models.rectified_flow import FLOW_SCHEDULERS
 from diffusion.parallelism import clean_parameter_name
 
 __all__ = [
+    'CONDITIONING_FILE',
     'LoadedModel',
     'is_diffusers_folder',
     'load_checkpoint',
@@ -57,6 +59,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: What an export records of its text conditioner beyond the pipeline's own configs (SD3: whether T5's padding is
+#: masked), at the root of the folder, where diffusers does not look; a folder without it (one from the hub) loads
+#: with the conditioner's diffusers-compatible defaults.
+CONDITIONING_FILE = 'text_conditioning.json'
 
 
 @dataclass
@@ -99,7 +106,11 @@ def is_diffusers_folder(path: str) -> bool:
 
 
 def scheduler_name(scheduler: Any) -> str:
-    """The project's name (``'ddim'``, ``'dpm++'``, ...) for a diffusers scheduler instance; ``'ddim'`` if none fits."""
+    """The project's name (``'ddim'``, ``'dpm++'``, ``'flow_euler'``, ...) for a diffusers scheduler instance;
+    ``'ddim'`` if none fits."""
+    for name, cls in FLOW_SCHEDULERS.items():
+        if type(scheduler) is cls:
+            return name
     for name, (cls, extra) in INFERENCE_SCHEDULERS.items():
         if type(scheduler) is cls and all(scheduler.config.get(k) == v for k, v in extra.items()):
             return name
@@ -121,7 +132,12 @@ def _load_pipeline_folder(folder: str, device: str) -> LoadedModel:
 
     # use_safetensors=True: a pickled .bin in the folder is refused rather than unpickled.
     pipe = getattr(diffusers, class_name).from_pretrained(folder, use_safetensors=True, local_files_only=True)
-    model = from_pipeline(pipe, inference_scheduler=scheduler_name(pipe.scheduler))
+    conditioning = os.path.join(folder, CONDITIONING_FILE)
+    conditioner_kwargs = None
+    if os.path.isfile(conditioning):
+        with open(conditioning) as f:
+            conditioner_kwargs = json.load(f)
+    model = from_pipeline(pipe, scheduler_name(pipe.scheduler), conditioner_kwargs)
     return LoadedModel(model.to(device).eval(), 'pipeline', folder)
 
 

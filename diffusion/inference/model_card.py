@@ -310,6 +310,20 @@ def _data_section(
     return lines, licenses, shipped
 
 
+def _usage(model: Any, pipeline_class: str) -> list[str]:
+    """The card's sampling example: the conditioner's own when it needs more than a prompt (SD3's T5 mask)."""
+    usage = getattr(model.conditioner, 'card_usage', None)
+    if usage is not None:
+        return usage()
+    return [
+        f'from diffusers import {pipeline_class}',
+        '',
+        f"pipe = {pipeline_class}.from_pretrained('path/to/this/folder')",
+        "image = pipe('a lighthouse on a cliff at sunset', num_inference_steps=50, guidance_scale=7.5).images[0]",
+        "image.save('lighthouse.png')",
+    ]
+
+
 def render_model_card(model: Any, out_dir: str, **kwargs: Any) -> str:
     """The text of the model card; see :func:`write_model_card` (which also ships the files the card links)."""
     return _render(model, out_dir, **kwargs)[0]
@@ -403,13 +417,16 @@ def _render(
         '## Usage',
         '',
         '```python',
-        f'from diffusers import {pipeline_class}',
-        '',
-        f"pipe = {pipeline_class}.from_pretrained('path/to/this/folder')",
-        "image = pipe('a lighthouse on a cliff at sunset', num_inference_steps=50, guidance_scale=7.5).images[0]",
-        "image.save('lighthouse.png')",
+        *_usage(model, pipeline_class),
         '```',
     ]
+    if type(model.objective).__name__ == 'RectifiedFlowObjective' and pipeline_class != 'StableDiffusion3Pipeline':
+        lines += [
+            '',
+            f'The model was trained with rectified flow: its scheduler is `{type(pipeline.scheduler).__name__}` '
+            f'(shift {objective["shift"]}), which has no `init_noise_sigma`; set `pipe.scheduler.init_noise_sigma = '
+            f'1.0` before sampling with `{pipeline_class}`.',
+        ]
     if single_file:
         lines += [
             '',

@@ -27,6 +27,7 @@ from diffusion.evaluation.prompts import load_prompt_set
 from diffusion.evaluation.sample_folder import CONTACT_SHEET, SAMPLES_FILE, image_filename, read_samples_file
 from diffusion.inference.loading import load_checkpoint
 from diffusion.models.noise import INFERENCE_SCHEDULERS
+from diffusion.models.rectified_flow import FLOW_SCHEDULERS
 from diffusion.utils import ConfigError, check_writable_folder
 
 __all__ = ['CONTACT_SHEET', 'SAMPLES_FILE', 'image_filename', 'main', 'sample_to_folder', 'write_contact_sheet']
@@ -309,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--batch-size', type=_positive, default=8)
     parser.add_argument('--guidance-scale', type=float, default=7.5)
     parser.add_argument('--negative-prompt')
-    parser.add_argument('--scheduler', choices=list(INFERENCE_SCHEDULERS), help="Default: the model's own.")
+    schedulers = [*INFERENCE_SCHEDULERS, *FLOW_SCHEDULERS]
+    parser.add_argument('--scheduler', choices=schedulers, help="Default: the model's own.")
     parser.add_argument('--steps', type=_positive, default=50, help='Sampler steps.')
     parser.add_argument('--height', type=_positive)
     parser.add_argument('--width', type=_positive)

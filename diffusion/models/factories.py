@@ -24,9 +24,12 @@ from diffusers import AutoencoderKL, DDPMScheduler
 
 from diffusion.models.conditioners import CLIPTextConditioner, SDXLTextConditioner
 from diffusion.models.denoisers import UNetDenoiser
+from diffusion.models.mmdit import MMDiTDenoiser
 from diffusion.models.objectives import DDPMObjective
+from diffusion.models.rectified_flow import FLOW_SCHEDULERS, RectifiedFlowObjective
 from diffusion.models.registries import build_component, denoisers, objectives, text_conditioners
 from diffusion.models.stable_diffusion import StableDiffusion
+from diffusion.models.t5_conditioners import SD3TextConditioner, T5TextConditioner
 from diffusion.models.text_encoders import (
     SD2_TEXT_ENCODER_CONFIG,
     SDXL_TEXT_ENCODER_2_CONFIG,
@@ -35,6 +38,7 @@ from diffusion.models.text_encoders import (
 from diffusion.utils import check_kwargs, forwards_kwargs
 
 __all__ = [
+    'objective_from_scheduler',
     'SD2_UNET_CONFIG',
     'SDXL_UNET_CONFIG',
     'SDXL_VAE_CONFIG',
@@ -463,29 +467,59 @@ def tiny_stable_diffusion_xl(
 
 
 # Denoiser and text-conditioner classes that a diffusers pipeline folder can be read into (see from_pipeline).
-PIPELINE_DENOISERS = (UNetDenoiser,)
-PIPELINE_CONDITIONERS = (CLIPTextConditioner, SDXLTextConditioner)
+PIPELINE_DENOISERS = (UNetDenoiser, MMDiTDenoiser)
+PIPELINE_CONDITIONERS = (CLIPTextConditioner, T5TextConditioner, SDXLTextConditioner, SD3TextConditioner)
 
 
 def pipeline_names() -> list[str]:
     """Names of the diffusers pipeline classes :func:`from_pipeline` reads."""
-    return [cls.pipeline_class.__name__ for cls in PIPELINE_CONDITIONERS]
+    return list(dict.fromkeys(cls.pipeline_class.__name__ for cls in PIPELINE_CONDITIONERS))
 
 
-def from_pipeline(pipe: Any, inference_scheduler: str = 'ddim') -> StableDiffusion:
+def objective_from_scheduler(scheduler: Any, inference_scheduler: str = 'ddim') -> Any:
+    """The objective a pipeline's scheduler was exported from: rectified flow (with the scheduler's ``shift`` and
+    ``num_train_timesteps``) for a flow-matching scheduler, else the DDPM family (prediction type, betas, ... from
+    the scheduler config)."""
+    flow = next((name for name, cls in FLOW_SCHEDULERS.items() if type(scheduler) is cls), None)
+    if flow is not None:
+        config = scheduler.config
+        return RectifiedFlowObjective(
+            shift=float(config.get('shift', 1.0)),
+            num_train_timesteps=int(config.get('num_train_timesteps', 1000)),
+            inference_scheduler=flow,
+        )
+    return DDPMObjective(DDPMScheduler.from_config(scheduler.config), inference_scheduler=inference_scheduler)
+
+
+def from_pipeline(
+    pipe: Any, inference_scheduler: str = 'ddim', conditioner_kwargs: Optional[Mapping[str, Any]] = None
+) -> StableDiffusion:
     """A :class:`StableDiffusion` sharing the modules of a loaded diffusers pipeline (an export of this project).
 
     Args:
-        pipe (DiffusionPipeline): A ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
-        inference_scheduler (str): The model's default sampler name (the pipeline's own scheduler's). Default:
+        pipe (DiffusionPipeline): A ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or
+            ``StableDiffusion3Pipeline``.
+        inference_scheduler (str): The model's default sampler name (the pipeline's own scheduler's) for the DDPM
+            family; a flow-matching scheduler gives the rectified-flow objective and its own name. Default:
             ``'ddim'``.
+        conditioner_kwargs (Mapping, optional): Text-conditioner arguments that the pipeline's configs do not hold
+            (``use_attention_mask`` of the T5 conditioners, which the export records beside them). ``None`` (a
+            folder that records none, e.g. one from the hub): T5 runs unmasked, as in diffusers' pipelines.
     """
-    conditioner_class = next((c for c in PIPELINE_CONDITIONERS if type(pipe) is c.pipeline_class), None)
+    components = {k: v for k, v in pipe.components.items() if v is not None}
+    # A StableDiffusionPipeline holds a CLIP or (the t5 conditioner's export) a T5 text encoder.
+    t5_text = type(components.get('text_encoder')).__name__ == 'T5EncoderModel'
+    conditioner_class = next(
+        (c for c in PIPELINE_CONDITIONERS if type(pipe) is c.pipeline_class and (c is T5TextConditioner) == t5_text),
+        None,
+    )
     if conditioner_class is None:
         raise ValueError(f'Unsupported pipeline {type(pipe).__name__}; supported: {", ".join(pipeline_names())}.')
-    components = {k: v for k, v in pipe.components.items() if v is not None}
     denoiser_class = next(d for d in PIPELINE_DENOISERS if d.attribute in components)
     accepted = inspect.signature(conditioner_class).parameters
-    conditioner = conditioner_class(**{k: v for k, v in components.items() if k in accepted})
-    objective = DDPMObjective(DDPMScheduler.from_config(pipe.scheduler.config), inference_scheduler=inference_scheduler)
+    if conditioner_kwargs is None and 'use_attention_mask' in accepted:
+        conditioner_kwargs = {'use_attention_mask': False}  # no record: a diffusers folder, whose T5 runs unmasked
+    extra = {k: v for k, v in (conditioner_kwargs or {}).items() if k in accepted}
+    conditioner = conditioner_class(**{k: v for k, v in components.items() if k in accepted}, **extra)
+    objective = objective_from_scheduler(pipe.scheduler, inference_scheduler)
     return StableDiffusion(denoiser_class(components[denoiser_class.attribute]), pipe.vae, conditioner, objective)

@@ -71,6 +71,10 @@ class StableDiffusion(ComposerModel):
         super().__init__()
         denoiser.check_conditioning(conditioner.conditioning_shapes())
         _check_latent_channels(denoiser, vae)
+        if conditioner.pipeline_applies_shift_factor and vae.config.get('shift_factor') is None:
+            # SD3's pipeline adds the shift when it decodes and fails on None: an unshifted VAE (e.g. the demo's)
+            # says 0.0, which leaves every latent as it was.
+            vae.register_to_config(shift_factor=0.0)
         self._denoiser_class = type(denoiser)
         setattr(self, denoiser.attribute, denoiser.network)
         self.vae = vae

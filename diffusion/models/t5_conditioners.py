@@ -23,6 +23,7 @@ sampling uses for an empty negative prompt.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Collection, Optional, Sequence
 
 import torch
@@ -67,8 +68,28 @@ def _t5_hidden_states(encoder: nn.Module, input_ids: torch.Tensor, pad_id: int, 
     return hidden * mask[..., None].to(hidden.dtype)
 
 
+def t5_encoder_record(encoder: nn.Module) -> str:
+    """What identifies a T5 encoder's embeddings in precomputed shards: its name (hub id or folder, when loaded),
+    shape, and a digest of a few of its weights rounded to bf16 (so an encoder that ran in bf16 and the same one in
+    fp32 agree, while other weights, even of the same shape, do not)."""
+    config = encoder.config
+    name = getattr(config, 'name_or_path', '') or 'built'
+    digest = hashlib.sha256()
+    for weight in (encoder.shared.weight[:16], encoder.encoder.final_layer_norm.weight):
+        if weight.is_meta:  # built on meta for sharding: the shape alone is known
+            return f'{name} d_model={config.d_model} layers={config.num_layers}'
+        digest.update(weight.detach().to('cpu', torch.bfloat16).float().numpy().tobytes())
+    return f'{name} d_model={config.d_model} layers={config.num_layers} sha256:{digest.hexdigest()[:16]}'
+
+
 class _EmbeddingPrompts:
-    """Caption dropout on tokens and sampling from embeddings, shared by the two conditioners."""
+    """Caption dropout on tokens and sampling from embeddings, shared by the two conditioners.
+
+    Precomputed shards hold T5's states trimmed to each caption's tokens (``t5_embeds``, (L_i, D); with a masked
+    T5 the positions after them are zeros, so nothing is lost) with ``t5_max_length`` and ``t5_encoder``
+    (:func:`t5_encoder_record`); the latents dataset pads them back with zeros and gives ``t5_attention_mask``, and
+    :meth:`check_precomputed_record` refuses shards of another encoder or length before training.
+    """
 
     def _drop_tokens(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         first = next(iter(tokens.values()))
@@ -88,8 +109,76 @@ class _EmbeddingPrompts:
             out[key] = torch.where(mask.view(-1, *([1] * (value.ndim - 1))), empty, value)
         return out
 
+    def _t5(self) -> tuple[nn.Module, Any]:
+        raise NotImplementedError
+
+    @property
+    def max_length(self) -> int:
+        """T5 tokens per caption."""
+        return int(self._t5()[1].model_max_length)
+
+    def stored_columns(self) -> dict[str, str]:
+        """The MDS columns precompute writes for the text (name -> encoding)."""
+        columns = dict.fromkeys((*self._stored_embeddings, 't5_embeds'), 'ndarray')
+        return {**columns, 't5_max_length': 'int', 't5_encoder': 'str'}
+
+    def stored_text_columns(self, captions: Sequence[str]) -> dict[str, list[Any]]:
+        """Per caption, the values of :meth:`stored_columns`: T5's states cut to the caption's real tokens (all
+        ``max_length`` of them when T5 runs unmasked, whose padded positions carry information)."""
+        encoder, tokenizer = self._t5()
+        tokens = self.tokenize(captions)
+        embeddings = self.encode(tokens)
+        t5_ids = tokens[self._t5_ids]
+        width = self.max_length
+        lengths = (t5_ids != tokenizer.pad_token_id).sum(dim=1) if self.use_attention_mask else [width] * len(t5_ids)
+        t5_states = embeddings['text_embeds'][:, -width:]
+        out: dict[str, list[Any]] = {k: list(v) for k, v in self._split_stored(embeddings).items()}
+        out['t5_embeds'] = [t5_states[i, : int(n)] for i, n in enumerate(lengths)]
+        out['t5_max_length'] = [width] * len(captions)
+        out['t5_encoder'] = [t5_encoder_record(encoder)] * len(captions)
+        return out
+
+    def _split_stored(self, embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {}
+
+    def check_precomputed_record(self, record: dict[str, Any], where: str) -> None:
+        """Refuse, in one line naming the key, shards whose T5 states another encoder or length produced."""
+        if record.get('t5_max_length') is None:
+            return
+        if int(record['t5_max_length']) != self.max_length:
+            raise ConfigError(
+                f'Invalid model.max_length={self.max_length}: {where}.remote holds T5 embeddings precomputed for '
+                f'{record["t5_max_length"]} tokens per caption; set model.max_length={record["t5_max_length"]} or '
+                'precompute the shards again with this model.'
+            )
+        mine = t5_encoder_record(self._t5()[0])
+        theirs = str(record.get('t5_encoder'))
+        same = theirs == mine or ('sha256:' not in mine and theirs.startswith(mine + ' '))
+        if not same:
+            raise ConfigError(
+                f'Invalid {where}.remote: its T5 embeddings were precomputed with the encoder {theirs!r}, this model '
+                f'(model.text_conditioner) has {mine!r}; precompute the shards again with this model.'
+            )
+
+    def _from_stored(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The conditioning of a batch of precomputed columns (``t5_embeds`` padded back by the dataset)."""
+        t5_states = batch['t5_embeds']
+        if t5_states.shape[1] != self.max_length:
+            raise ConfigError(
+                f'Invalid model.max_length={self.max_length}: the batch holds T5 embeddings padded to '
+                f'{t5_states.shape[1]} tokens; precompute the shards again with this model.'
+            )
+        return self._assemble(batch)
+
     def conditioning(self, batch: dict[str, Any], drop_captions: bool, image_size: tuple[int, int]) -> dict:
         drop = drop_captions and self.caption_drop_prob > 0
+        if 't5_embeds' in batch:
+            if self.train_text_encoder:
+                raise ValueError(
+                    'Precomputed T5 embeddings cannot train the text encoder; set train_text_encoder=false.'
+                )
+            embeddings = self._from_stored(batch)
+            return self._drop_embeddings(embeddings) if drop else embeddings
         if 'text_embeds' in batch:
             self._check_precomputed(batch)
             embeddings = {column: batch[column] for column in self.embedding_columns}
@@ -104,6 +193,11 @@ class _EmbeddingPrompts:
         with torch.no_grad():
             positive, negative = self.text_embeddings(prompts), self.text_embeddings(negative_prompts)
         return self._embedding_kwargs(positive, negative, num_images_per_prompt)
+
+    def export_kwargs(self) -> dict[str, Any]:
+        """What an export records beside the pipeline's configs, which have no place for it (T5's mask); the
+        loader hands it back to the constructor (:mod:`diffusion.inference.loading`)."""
+        return {'use_attention_mask': self.use_attention_mask}
 
 
 class T5TextConditioner(_EmbeddingPrompts, TextConditioner):
@@ -123,6 +217,15 @@ class T5TextConditioner(_EmbeddingPrompts, TextConditioner):
         super().__init__({'text_encoder': text_encoder, 'tokenizer': tokenizer}, **kwargs)
         self.use_attention_mask = use_attention_mask
         self._empty: Optional[dict[str, torch.Tensor]] = None
+
+    _stored_embeddings: tuple[str, ...] = ()
+    _t5_ids = 'input_ids'
+
+    def _t5(self) -> tuple[nn.Module, Any]:
+        return self._get('text_encoder'), self.tokenizer
+
+    def _assemble(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {'text_embeds': batch['t5_embeds']}
 
     def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         return {'input_ids': _tokenize(self.tokenizer, captions)}
@@ -200,6 +303,27 @@ class SD3TextConditioner(_EmbeddingPrompts, TextConditioner):
                 f"T5's width (d_model {text_encoder_3.config.d_model}), which they are zero-padded to."
             )
 
+    _stored_embeddings = ('clip_embeds', 'pooled_text_embeds')
+    _t5_ids = 'input_ids_3'
+
+    def _t5(self) -> tuple[nn.Module, Any]:
+        return self._get('text_encoder_3'), self._get('tokenizer_3')
+
+    def _split_stored(self, embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # The CLIP tokens at their own width (768 + 1280), not zero-padded to T5's (4096): half the bytes.
+        clip_width = self._get('text_encoder').config.hidden_size + self._get('text_encoder_2').config.hidden_size
+        clip_tokens = self._get('tokenizer').model_max_length
+        return {
+            'clip_embeds': embeddings['text_embeds'][:, :clip_tokens, :clip_width],
+            'pooled_text_embeds': embeddings['pooled_text_embeds'],
+        }
+
+    def _assemble(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        t5_states = batch['t5_embeds']
+        clip = F.pad(batch['clip_embeds'], (0, t5_states.shape[-1] - batch['clip_embeds'].shape[-1]))
+        text = torch.cat([clip.to(t5_states.dtype), t5_states], dim=-2)
+        return {'text_embeds': text, 'pooled_text_embeds': batch['pooled_text_embeds']}
+
     def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         return {
             'input_ids': _tokenize(self._get('tokenizer'), captions),
@@ -235,6 +359,50 @@ class SD3TextConditioner(_EmbeddingPrompts, TextConditioner):
         length = self._get('tokenizer').model_max_length + self._get('tokenizer_3').model_max_length
         pooled = self._get('text_encoder').config.projection_dim + self._get('text_encoder_2').config.projection_dim
         return {'text_embeds': (length, self._get('text_encoder_3').config.d_model), 'pooled_text_embeds': (pooled,)}
+
+    def card_usage(self) -> list[str]:
+        """Python lines for the model card that sample the exported folder with plain diffusers and get this
+        model's images: T5's token count is passed (diffusers defaults to 256), and with a masked T5 the T5 part
+        of the embeddings is recomputed with the mask, padding zeroed, since diffusers runs T5 without one."""
+        n = self._get('tokenizer_3').model_max_length
+        lines = [
+            'import torch',
+            'from diffusers import StableDiffusion3Pipeline',
+            '',
+            "pipe = StableDiffusion3Pipeline.from_pretrained('path/to/this/folder')",
+            f'n = pipe.tokenizer_3.model_max_length  # {n}: the T5 tokens per caption the model was trained with',
+            "prompts, negative = ['a lighthouse on a cliff at sunset'], ['']",
+        ]
+        if not self.use_attention_mask:
+            return lines + [
+                'image = pipe(prompts, max_sequence_length=n, num_inference_steps=28, guidance_scale=5.0).images[0]',
+                "image.save('lighthouse.png')",
+            ]
+        return lines + [
+            '',
+            '',
+            'def t5(texts):  # the model was trained with T5 padding masked and zeroed; diffusers does not mask',
+            "    tok = pipe.tokenizer_3(texts, padding='max_length', max_length=n, truncation=True,",
+            "                           return_tensors='pt')",
+            '    hidden = pipe.text_encoder_3(tok.input_ids, attention_mask=tok.attention_mask)[0]',
+            '    return hidden * tok.attention_mask[..., None]',
+            '',
+            '',
+            'with torch.no_grad():',
+            '    embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(',
+            '        prompts, prompts, prompts, negative_prompt=negative, max_sequence_length=n',
+            '    )',
+            '    embeds[:, -n:], negative_embeds[:, -n:] = t5(prompts), t5(negative)',
+            'image = pipe(',
+            '    prompt_embeds=embeds,',
+            '    negative_prompt_embeds=negative_embeds,',
+            '    pooled_prompt_embeds=pooled,',
+            '    negative_pooled_prompt_embeds=negative_pooled,',
+            '    num_inference_steps=28,',
+            '    guidance_scale=5.0,',
+            ').images[0]',
+            "image.save('lighthouse.png')",
+        ]
 
     def _embedding_kwargs(self, positive: dict, negative: dict, num_images_per_prompt: int) -> dict[str, Any]:
         # StableDiffusion3Pipeline does not repeat given embeddings: repeat them here, prompt-major, and ask for one

@@ -8,7 +8,10 @@ SD VAE overflows in fp16, and low-precision latents differ from on-the-fly ones)
 choice. What is stored is the posterior's unscaled mean and std (``--store moments``, the default, so training
 still samples a fresh latent each epoch) or one unscaled sample; the model applies the scaling factor, once.
 For an SDXL model the pooled text embedding of the second encoder and the size/crop micro-conditioning of the
-center crop (``cond_original_size``, ``cond_crops_coords_top_left``, ``cond_target_size``) are stored too.
+center crop (``cond_original_size``, ``cond_crops_coords_top_left``, ``cond_target_size``) are stored too. For the
+T5 conditioners (``t5``, ``sd3``) T5's states are stored cut to each caption's tokens (``t5_embeds``), beside SD3's
+CLIP tokens at their own width (``clip_embeds``), with the T5 length and encoder they were made with
+(``t5_max_length``, ``t5_encoder``), which training checks before it starts.
 
 This is a separate job that writes shards, on any number of ranks (``composer -n 8 -m diffusion.pipeline
 precompute ...``, one GPU each) and resumable like every stage; never an in-memory cache inside training.
@@ -74,7 +77,8 @@ def encode_batch(
     """Latent columns for a batch: posterior moments or a sample (unscaled), and the text embeddings."""
     with torch.no_grad():
         mean, std = model.vae_moments(images)
-        out = dict(model.conditioner.text_embeddings(captions))  # SDXL adds pooled_text_embeds
+        stored_text = getattr(model.conditioner, 'stored_text_columns', None)  # T5: per caption, trimmed
+        out = dict(stored_text(captions) if stored_text else model.conditioner.text_embeddings(captions))
         if options.store == 'moments':
             out.update(image_latents_mean=mean, image_latents_std=std)
         else:
@@ -84,9 +88,11 @@ def encode_batch(
 
 def _latent_columns(options: PrecomputeOptions, carried: dict[str, str], model: Any) -> dict[str, str]:
     tensors = ('image_latents_mean', 'image_latents_std') if options.store == 'moments' else ('image_latents',)
-    text = model.conditioner.embedding_columns  # text_embeds, and pooled_text_embeds for SDXL
-    conditioning = _micro_conditioning_columns(model)
-    return {**carried, **dict.fromkeys((*tensors, *text, *conditioning), 'ndarray'), 'latents_dtype': 'str'}
+    stored = getattr(model.conditioner, 'stored_columns', None)
+    # text_embeds, and pooled_text_embeds for SDXL; T5 conditioners name their own (trimmed T5 states and a record)
+    text = stored() if stored else dict.fromkeys(model.conditioner.embedding_columns, 'ndarray')
+    conditioning = dict.fromkeys(_micro_conditioning_columns(model), 'ndarray')
+    return {**carried, **dict.fromkeys(tensors, 'ndarray'), **text, **conditioning, 'latents_dtype': 'str'}
 
 
 def _micro_conditioning_columns(model: Any) -> tuple[str, ...]:
@@ -166,7 +172,12 @@ def precompute_latents(
                 encoded = encode_batch(model, images, [s[options.caption_column] for s in batch], options, generator)
                 for row, sample_in in enumerate(batch):
                     kept = {name: sample_in[name] for name in carried}
-                    tensors = {name: to_stored(value[row], options.latents_dtype) for name, value in encoded.items()}
+                    tensors = {
+                        name: to_stored(value[row], options.latents_dtype)
+                        if torch.is_tensor(value[row])
+                        else value[row]
+                        for name, value in encoded.items()
+                    }
                     extra = conditioning[row] if conditioned else {}
                     yield {**kept, **tensors, **extra, 'latents_dtype': options.latents_dtype}
                 batch = []
