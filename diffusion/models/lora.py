@@ -66,24 +66,28 @@ def lora_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in module.named_modules() if isinstance(m, BaseTunerLayer)]
 
 
-def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model``'s state without its LoRA weights, under the names the unadapted model gives them
-    (``...to_q.base_layer.weight`` -> ``...to_q.weight``)."""
+def base_state_dict(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """``model``'s state without its LoRA weights (and without the names in ``exclude``, e.g. another adapter's
+    trainable weights), under the names the unadapted model gives them (``...to_q.base_layer.weight`` ->
+    ``...to_q.weight``)."""
+    exclude = set(exclude)
     return {
-        name.replace('.base_layer.', '.'): value for name, value in model.state_dict().items() if not is_lora_name(name)
+        name.replace('.base_layer.', '.'): value
+        for name, value in model.state_dict().items()
+        if not is_lora_name(name) and name not in exclude
     }
 
 
-def base_digest(model: nn.Module, names: Optional[Iterable[str]] = None) -> str:
+def base_digest(model: nn.Module, exclude: Iterable[str] = ()) -> str:
     """SHA-256 of the frozen base weights of ``model`` (:func:`base_state_dict`): every tensor's name, dtype, shape
     and bytes in name order, so the same base gives the same digest whatever adapter sits on it.
 
     Args:
         model (nn.Module): The model, adapted or not.
-        names (Iterable[str], optional): Hash only these names (of the base state dict).
+        exclude (Iterable[str]): State-dict names to leave out (the trainable weights of a non-LoRA adapter).
     """
-    state = base_state_dict(model)
-    keys = sorted(state if names is None else set(names) & set(state))
+    state = base_state_dict(model, exclude)
+    keys = sorted(state)
     digest = hashlib.sha256()
     for key in keys:
         tensor = state[key].detach().to('cpu').contiguous()

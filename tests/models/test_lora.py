@@ -149,3 +149,44 @@ def test_scheduled_ema_averages_the_lora_weights(synthetic_dataset, tmp_path):
     assert len(averaged) == sum(1 for _, p in trainer.state.model.named_parameters() if p.requires_grad)
     trained = dict(trainer.state.model.named_parameters())
     assert any(not torch.equal(averaged[k], trained[k]) for k in averaged if 'lora_B' in k)
+
+
+def checkpoint_weights(path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location='cpu', weights_only=False)['state']['model']
+
+
+def test_a_lora_checkpoint_holds_the_adapter_and_the_base_reference_and_refuses_another_base(
+    synthetic_dataset, tmp_path
+):
+    import os
+
+    from diffusion.callbacks.frozen_base import BaseMismatchError, base_record
+    from diffusion.inference.loading import load_checkpoint
+
+    lora = lora_run(synthetic_dataset, str(tmp_path / 'lora'), 'max_duration=2ba', 'save_interval=2ba')
+    lora.fit()
+    path = tmp_path / 'lora' / 'checkpoints' / 'ep0-ba2-rank0.pt'
+    state = torch.load(path, map_location='cpu', weights_only=False)['state']
+    trainable = {n for n, p in lora.state.model.named_parameters() if p.requires_grad}
+    assert set(state['model']) == trainable  # the adapter alone
+    record = base_record(state)
+    assert record['sha256'] == base_digest(lora.state.model) and record['model'] == 'tiny_stable_diffusion'
+
+    full = build_trainer(tiny_config(synthetic_dataset, str(tmp_path / 'full'), 'max_duration=1ba',
+                                     'save_interval=1ba', 'train_dataloader.batch_size=8'))  # fmt: skip
+    full.fit()
+    full_size = os.path.getsize(tmp_path / 'full' / 'checkpoints' / 'ep0-ba1-rank0.pt')
+    lora_size = os.path.getsize(path)
+    print(f'checkpoint bytes: lora {lora_size}, full fine-tune {full_size}')
+    assert lora_size < full_size / 4
+
+    # Inference loading rebuilds the base from the config and seed, checks its digest and adds the adapter.
+    loaded = load_checkpoint(str(path))
+    expected = lora.state.model.state_dict()
+    got = loaded.model.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+
+    # Another base (another seed builds other random weights): refused in one line naming both digests.
+    with pytest.raises(BaseMismatchError, match=rf'trained on the base .*{record["sha256"]}.*this model.s base is'):
+        lora_run(synthetic_dataset, str(tmp_path / 'other'), 'max_duration=3ba', 'seed=18', f'load_path={path}',
+                 'load_trusted=true')  # fmt: skip
