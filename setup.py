@@ -19,6 +19,10 @@ install_requires = [
     'numpy<2.3',
     'tqdm>=4.60',
     'safetensors>=0.4',
+    # LoRA (the `lora` adapter and its exports): peft 0.18.1 co-installs with torch 2.7.0, transformers 4.57 and
+    # diffusers 0.39 (its own requirements: torch>=1.13, transformers, accelerate>=0.21; diffusers needs >=0.6,
+    # and its LoRA loading code paths test >=0.13.1); checked with `pip check` on the pinned stack.
+    'peft==0.18.1',
     'scipy>=1.10',
     # Parquet inputs of the data pipeline (CommonCatalog ships as parquet).
     'pyarrow>=14',

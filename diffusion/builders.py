@@ -20,6 +20,7 @@ from composer.utils import dist, maybe_create_object_store_from_uri, parse_uri, 
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion import registry
+from diffusion.callbacks.frozen_base import FrozenBaseCheckpoint
 from diffusion.callbacks.pretrained_components import PretrainedComponentsInCheckpoint
 from diffusion.checkpointing import (
     CONFIG_FILENAME,
@@ -316,6 +317,9 @@ def build_trainer(cfg: Any) -> Trainer:
             RunConfigInCheckpoint(cfg),
             StrictModelWeights(cfg.load_strict_model_weights),
             PretrainedComponentsInCheckpoint(model, cfg.model),  # a checkpoint rebuilds without the pretrained folder
+            # An adapter run saves its trainable weights and the base's digest; after StrictModelWeights, so that
+            # the frozen weights are filled in before the strict check.
+            *([FrozenBaseCheckpoint(model, _section(cfg.model))] if getattr(model, 'adapters', None) else []),
         ],
         loggers=build_plugins('loggers', cfg.loggers),
         device=device,

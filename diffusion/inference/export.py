@@ -36,7 +36,7 @@ from diffusion.models.adapters import merge_adapters
 from diffusion.models.single_file import save_single_file
 from diffusion.utils import ConfigError, check_writable_folder
 
-__all__ = ['DTYPES', 'PICKLE_SUFFIXES', 'export_model', 'main']
+__all__ = ['DTYPES', 'KOHYA_PREFIXES', 'LORA_WEIGHTS', 'PICKLE_SUFFIXES', 'export_lora', 'export_model', 'main']
 
 DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.ckpt', '.pkl', '.pickle')
@@ -128,6 +128,122 @@ def export_model(
     if model_card:
         single_name = os.path.basename(written['single_file']) if single_file else None
         written['model_card'] = write_model_card(model, out_dir, single_file=single_name, dtype=dtype, **card_kwargs)
+    return written
+
+
+#: The file diffusers' ``save_lora_weights`` writes and ``load_lora_weights(folder)`` reads.
+LORA_WEIGHTS = 'pytorch_lora_weights.safetensors'
+#: kohya / ComfyUI key prefixes by pipeline attribute; SDXL numbers its two text encoders (lora_te1, lora_te2).
+KOHYA_PREFIXES = {'unet': 'lora_unet', 'text_encoder': 'lora_te', 'text_encoder_2': 'lora_te2'}
+
+
+def _lora_adapter(model: Any) -> Any:
+    from diffusion.models.lora import LoRA
+
+    adapters = [a for a in getattr(model, 'adapters', None) or [] if isinstance(a, LoRA)]
+    if len(adapters) != 1 or len(model.adapters) != 1:
+        names = [getattr(a, 'name', type(a).__name__) for a in getattr(model, 'adapters', None) or []]
+        raise ValueError(f'An adapter export needs a model with one lora adapter; it has {names or "none"}.')
+    return adapters[0]
+
+
+def _peft_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights of ``module`` under peft's adapter-free names (``...to_q.lora_A.weight``)."""
+    from peft import get_peft_model_state_dict
+
+    from diffusion.models.lora import ADAPTER_NAME
+
+    state = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
+    return {k: v.detach().to('cpu', torch.float32).contiguous() for k, v in state.items()}
+
+
+def _kohya_weights(module_weights: dict[str, torch.Tensor], prefix: str, alpha: float) -> dict[str, torch.Tensor]:
+    """One component's LoRA weights in the kohya / ComfyUI layout: ``<prefix>_<module path with _>.lora_down.weight``
+    (peft's A), ``.lora_up.weight`` (B) and ``.alpha`` (the update is ``alpha / rank * up @ down``)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in module_weights.items():
+        module, _, kind = key.rpartition('.lora_')
+        stem = f'{prefix}_{module.replace(".", "_")}'
+        out[f'{stem}.lora_down.weight' if kind.startswith('A') else f'{stem}.lora_up.weight'] = value
+        out[f'{stem}.alpha'] = torch.tensor(float(alpha))
+    return out
+
+
+def export_lora(
+    model: Any, out_dir: str, *, kohya_file: Optional[str] = 'lora_kohya.safetensors', model_card: bool = True,
+    **card_kwargs: Any,
+) -> dict[str, str]:  # fmt: skip
+    """Write the LoRA adapter of ``model`` alone: diffusers' ``pytorch_lora_weights.safetensors`` (what
+    ``pipeline.load_lora_weights(out_dir)`` reads, the LoRA config in its metadata so that alpha survives), a kohya /
+    ComfyUI single file, and a model card naming the base model (path and SHA-256 of its weights) and the training
+    data's license mix. The fused pipeline is :func:`export_model` of the same model.
+
+    Built on peft's ``get_peft_model_state_dict``, diffusers' ``convert_state_dict_to_diffusers`` and the pipeline
+    class's ``save_lora_weights``; the kohya layout is written here (diffusers reads it back with its converter).
+
+    Args:
+        model: A model with one ``lora`` adapter applied; not modified.
+        out_dir (str): Folder for the files (created).
+        kohya_file (str, optional): File name (in ``out_dir``) of the kohya-layout file; ``None`` skips it.
+        model_card (bool): Write ``README.md``. Default: ``True``.
+        **card_kwargs: As for :func:`export_model` (``config``, ``provenance``, ``data_fingerprint``, ...).
+
+    Returns:
+        dict[str, str]: Paths written: ``lora``, and ``kohya`` and ``model_card`` when written.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors.torch import save_file
+
+    from diffusion.models.lora import ADAPTER_NAME, base_digest
+
+    adapter = _lora_adapter(model)
+    if model_card:
+        check_provenance(card_kwargs.get('provenance'), card_kwargs.get('data_fingerprint'),
+                         card_kwargs.get('force_provenance', False))  # fmt: skip
+    pipeline_class = type(model.pipeline())
+    layers, metadata, kohya = {}, {}, {}
+    for attribute in adapter.adapted:
+        module = getattr(model, attribute)
+        weights = _peft_weights(module)
+        layers[f'{attribute}_lora_layers'] = convert_state_dict_to_diffusers(dict(weights))
+        metadata[f'{attribute}_lora_adapter_metadata'] = module.peft_config[ADAPTER_NAME].to_dict()
+        if attribute not in KOHYA_PREFIXES and kohya_file:
+            raise ValueError(f'The kohya layout has no prefix for {attribute}; export with kohya_file=None.')
+        if kohya_file:
+            prefix = KOHYA_PREFIXES[attribute]
+            if attribute == 'text_encoder' and getattr(model, 'text_encoder_2', None) is not None:
+                prefix = 'lora_te1'
+            kohya.update(_kohya_weights(weights, prefix, adapter.alpha))
+    accepted = inspect.signature(pipeline_class.save_lora_weights).parameters
+    metadata = {k: v for k, v in metadata.items() if k in accepted}
+    os.makedirs(out_dir, exist_ok=True)
+    pipeline_class.save_lora_weights(out_dir, **layers, **metadata, weight_name=LORA_WEIGHTS, safe_serialization=True)
+    written = {'lora': os.path.join(out_dir, LORA_WEIGHTS)}
+    config = card_kwargs.get('config')
+    base_path = (config.model.get('pretrained_model_name_or_path') if config is not None else None) or None
+    base_name = config.model.get('name') if config is not None else type(model).__name__
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    digest = base_digest(model, exclude=trainable)
+    if kohya_file:
+        path = os.path.join(out_dir, kohya_file)
+        info = {'ss_network_dim': str(adapter.rank), 'ss_network_alpha': str(adapter.alpha),
+                'base_model': str(base_path or base_name), 'base_sha256': digest}  # fmt: skip
+        save_file(kohya, path, metadata=info)
+        written['kohya'] = path
+    if model_card:
+        card = write_model_card(model, out_dir, **card_kwargs)
+        base = base_path or f'{base_name} (built from its config and seed)'
+        with open(card, 'a') as f:
+            f.write(
+                '\n## LoRA adapter\n\n'
+                f'This folder holds a LoRA adapter, not a full model. Base model: {base}; SHA-256 of its weights '
+                f'(diffusion.models.lora.base_digest): `{digest}`. Rank {adapter.rank}, alpha {adapter.alpha:g}, on '
+                f'{", ".join(adapter.adapted)}. Files: `{LORA_WEIGHTS}` (diffusers: '
+                f'`{pipeline_class.__name__}.from_pretrained(<base>).load_lora_weights("<this folder>")`)'
+                + (f' and `{kohya_file}` (kohya / ComfyUI layout)' if kohya_file else '')
+                + '. The training data and its license mix are stated above: they apply to the adapter.\n'
+            )
+        written['model_card'] = card
     return written
 
 

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from composer.utils import get_file, parse_uri
+from composer.utils import get_file, parse_uri, reproducibility
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion.builders import build_model
+from diffusion.callbacks.frozen_base import base_record, check_base, complete_weights
 from diffusion.callbacks.pretrained_components import pretrained_folder_from_checkpoint
 from diffusion.checkpointing import (
     CONFIG_FILENAME,
@@ -294,7 +295,15 @@ def load_checkpoint(
             state = _read_state(_fetch(checkpoint, folder))
             cfg, config_source = _resolve_config(checkpoint, config, state)
             weights, kind = _checkpoint_weights(state, use_ema)
-            model = build_model(_self_contained(cfg.model, state, weights, folder))
+            base = base_record(state)
+            if base is None:
+                model = build_model(_self_contained(cfg.model, state, weights, folder))
+            else:  # a frozen-base checkpoint: the base comes from where the run took it, and must be the same
+                if not base.get('path'):  # built from its config and seed, as build_trainer seeds it
+                    reproducibility.seed_all(cfg.seed)
+                model = build_model(cfg.model)
+                check_base(base, model, checkpoint, cfg.model.get('pretrained_model_name_or_path'))
+                weights = complete_weights(weights, model)
             expected = set(model.state_dict())
             if set(weights) != expected:  # named, counted and cut short: torch's own message lists every key
                 mismatch = describe_key_mismatch(expected - set(weights), set(weights) - expected)

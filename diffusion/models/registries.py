@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional, Union
 
 from diffusion.models import conditioners as conditioner_classes
 from diffusion.models import denoisers as denoiser_classes
-from diffusion.models import mmdit, rectified_flow, t5_conditioners
+from diffusion.models import lora, mmdit, rectified_flow, t5_conditioners
 from diffusion.models import objectives as objective_classes
 from diffusion.utils import Registry, accepted_keys
 
@@ -25,6 +25,7 @@ text_conditioners = Registry('text_conditioners', 'Text encoders + tokenizers ->
 objectives = Registry('objectives', 'Training objectives: noising, target, timesteps, weights, inference scheduler.')
 adapters = Registry('adapters', 'Changes applied to the built model before the optimizer (Adapter).')
 
+adapters.register_all({'lora': lora.LoRA})
 denoisers.register_all({'unet': denoiser_classes.unet, 'mmdit': mmdit.mmdit})
 text_conditioners.register_all(
     {

@@ -247,6 +247,6 @@ def test_component_and_adapter_keys_are_checked_before_anything_is_built():
     cfg = load_config(TINY_YAML, [*base, '+model.denoiser={name:unet,config:{},bogus:1}'])
     with pytest.raises(ValueError, match=r'Unknown key model\.denoiser\.bogus\. Valid keys: config'):
         check_sections(cfg)
-    cfg = load_config(TINY_YAML, [*base, '+model.denoiser={name:unet}', '+model.adapters={lora:{rank:4}}'])
-    with pytest.raises(ValueError, match=r'Unknown adapters name .lora.'):
+    cfg = load_config(TINY_YAML, [*base, '+model.denoiser={name:unet}', '+model.adapters={dora:{rank:4}}'])
+    with pytest.raises(ValueError, match=r'Unknown adapters name .dora.\. Valid names: lora'):
         check_sections(cfg)

@@ -1,0 +1,101 @@
+"""LoRA exports: diffusers' LoRA file, the kohya / ComfyUI file and the fused pipeline, each loaded by plain
+diffusers in a fresh process (no ``diffusion`` import), give the images the project's own ``generate`` gives."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from diffusion.inference.export import LORA_WEIGHTS, export_lora, export_model
+from diffusion.models.lora import LoRA
+from tests.conftest import build_tiny_sd, build_tiny_sdxl
+
+PROMPTS = ['a red circle', 'a blue square']
+
+# Plain diffusers: the base pipeline, plus the LoRA file (or the kohya file), or the fused pipeline alone.
+DIFFUSERS_ONLY = """
+import sys
+import torch
+from diffusers import DiffusionPipeline
+
+assert 'diffusion' not in sys.modules
+base, lora_dir, weight_name, fused, out = sys.argv[1:]
+images = {{}}
+for name, weights in (('diffusers', '{lora}'), ('kohya', weight_name)):
+    pipe = DiffusionPipeline.from_pretrained(base, local_files_only=True)
+    pipe.load_lora_weights(lora_dir, weight_name=weights)
+    pipe.set_progress_bar_config(disable=True)
+    images[name] = pipe({prompts}, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                        output_type='pt', guidance_scale=7.5).images
+pipe = DiffusionPipeline.from_pretrained(fused, local_files_only=True)
+pipe.set_progress_bar_config(disable=True)
+images['fused'] = pipe({prompts}, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                       output_type='pt', guidance_scale=7.5).images
+assert 'diffusion' not in sys.modules
+torch.save(images, out)
+"""
+
+
+def plain_diffusers(tmp_path, base, lora_dir, kohya_name, fused) -> dict[str, torch.Tensor]:
+    script = tmp_path / 'plain.py'
+    script.write_text(DIFFUSERS_ONLY.format(lora=LORA_WEIGHTS, prompts=PROMPTS))
+    out = tmp_path / 'theirs.pt'
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}  # the project is not importable there
+    result = subprocess.run(
+        [sys.executable, str(script), base, lora_dir, kohya_name, fused, str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize(
+    'build, text_encoder',
+    [(build_tiny_sd, False), (build_tiny_sd, True), (build_tiny_sdxl, True)],
+    ids=['sd2_unet', 'sd2_unet_and_text_encoder', 'sdxl_unet_and_text_encoders'],
+)
+def test_lora_exports_load_in_plain_diffusers_and_sample_the_models_images(build, text_encoder, tmp_path):
+    torch.manual_seed(0)
+    base = build().eval()
+    torch.manual_seed(0)
+    model = build()
+    adapter = LoRA(rank=2, alpha=4, text_encoder=text_encoder)
+    adapter.name = 'lora'
+    adapter.apply(model)
+    model.adapters.append(adapter)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a trained-looking adapter (B starts at zero, which would hide a wrong export)
+        for name, p in model.named_parameters():
+            if 'lora_B' in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    model.eval()
+    ours = model.generate(PROMPTS, num_inference_steps=3, seed=0)
+    assert not torch.allclose(ours, base.generate(PROMPTS, num_inference_steps=3, seed=0), atol=1e-3)
+
+    export_model(base, str(tmp_path / 'base'), model_card=False)
+    written = export_lora(model, str(tmp_path / 'lora'))
+    export_model(model, str(tmp_path / 'fused'), model_card=False)
+    assert model.adapters == [adapter]  # exports leave the model as it was
+
+    with safe_open(written['kohya'], 'pt') as f:
+        keys = set(f.keys())
+        assert f.get_tensor(next(k for k in keys if k.endswith('.alpha'))).item() == 4.0
+    assert keys and all(k.startswith(('lora_unet_', 'lora_te_', 'lora_te1_', 'lora_te2_')) for k in keys)
+    assert any(k.endswith('.lora_down.weight') for k in keys) and any(k.endswith('.lora_up.weight') for k in keys)
+    assert any(k.startswith('lora_te') for k in keys) == text_encoder
+    card = open(written['model_card']).read()
+    # The card names the base (its SHA-256 too) and states the training data's license mix (unknown here).
+    from diffusion.models.lora import base_digest
+
+    assert 'This folder holds a LoRA adapter' in card and base_digest(base) in card
+    assert 'license' in card.lower()
+
+    theirs = plain_diffusers(tmp_path, str(tmp_path / 'base'), str(tmp_path / 'lora'), 'lora_kohya.safetensors',
+                             str(tmp_path / 'fused'))  # fmt: skip
+    for kind in ('diffusers', 'kohya', 'fused'):
+        torch.testing.assert_close(theirs[kind], ours, atol=1e-4, rtol=0, msg=kind)
