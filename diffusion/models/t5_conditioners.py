@@ -429,6 +429,24 @@ def _check_preset(preset: str) -> dict:
     return PRESETS[preset]
 
 
+def _t5_parts(
+    config: dict, pretrained: Optional[str], load: Collection[str], max_length: int, encoder: str, tokenizer: str
+) -> tuple[Any, Any]:
+    """The T5 encoder and tokenizer, each loaded from ``pretrained``'s subfolder ``encoder`` / ``tokenizer`` when
+    ``load`` names it, else built from ``config`` (and the offline tokenizer)."""
+    built_encoder = (
+        build_t5_encoder(pretrained=pretrained, subfolder=encoder)
+        if pretrained is not None and encoder in load
+        else build_t5_encoder(config)
+    )
+    built_tokenizer = (
+        build_t5_tokenizer(pretrained, max_length, subfolder=tokenizer)
+        if pretrained is not None and tokenizer in load
+        else build_t5_tokenizer(max_length=max_length)
+    )
+    return built_encoder, built_tokenizer
+
+
 def t5(
     text_encoder_config: Optional[dict] = None,
     *,
@@ -452,16 +470,7 @@ def t5(
         caption_drop_prob, train_text_encoder: See :class:`~diffusion.models.conditioners.TextConditioner`.
     """
     config = _merged(_check_preset(preset)['t5'], text_encoder_config)
-    encoder = (
-        build_t5_encoder(pretrained=pretrained, subfolder='text_encoder')
-        if pretrained is not None and 'text_encoder' in load
-        else build_t5_encoder(config)
-    )
-    tokenizer = (
-        build_t5_tokenizer(pretrained, max_length, subfolder='tokenizer')
-        if pretrained is not None and 'tokenizer' in load
-        else build_t5_tokenizer(max_length=max_length)
-    )
+    encoder, tokenizer = _t5_parts(config, pretrained, load, max_length, 'text_encoder', 'tokenizer')
     return T5TextConditioner(
         encoder,
         tokenizer,
@@ -508,10 +517,9 @@ def sd3(
             )
         else:
             encoders.append(build_text_encoder(_merged(configs[key], overrides), with_projection=True))
-    if pretrained is not None and 'text_encoder_3' in load:
-        encoders.append(build_t5_encoder(pretrained=pretrained, subfolder='text_encoder_3'))
-    else:
-        encoders.append(build_t5_encoder(_merged(configs['t5'], text_encoder_3_config)))
+    t5_config = _merged(configs['t5'], text_encoder_3_config)
+    t5_encoder, t5_tokenizer = _t5_parts(t5_config, pretrained, load, max_length, 'text_encoder_3', 'tokenizer_3')
+    encoders.append(t5_encoder)
     # SD3's CLIP-L tokenizer pads with the end token, the CLIP-G one with '!', as SDXL's.
     tokenizers = [
         build_clip_tokenizer(pretrained, subfolder=name)
@@ -519,11 +527,7 @@ def sd3(
         else build_clip_tokenizer(pad_token=pad)
         for name, pad in (('tokenizer', EOS_TOKEN), ('tokenizer_2', '!'))
     ]
-    tokenizers.append(
-        build_t5_tokenizer(pretrained, max_length, subfolder='tokenizer_3')
-        if pretrained is not None and 'tokenizer_3' in load
-        else build_t5_tokenizer(max_length=max_length)
-    )
+    tokenizers.append(t5_tokenizer)
     return SD3TextConditioner(
         *encoders,
         *tokenizers,
