@@ -30,6 +30,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from torch import nn
 
 from diffusion.data.batch import MICRO_CONDITIONING_KEYS
+from diffusion.data.tokens import padded_token_ids
 from diffusion.models.text_encoders import EOS_TOKEN, build_clip_tokenizer, build_text_encoder
 
 __all__ = ['CLIPTextConditioner', 'SDXLTextConditioner', 'TextConditioner', 'clip', 'sdxl_clip']
@@ -37,13 +38,7 @@ __all__ = ['CLIPTextConditioner', 'SDXLTextConditioner', 'TextConditioner', 'cli
 
 def _tokenize(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
     """Token ids (B, L) padded to the tokenizer's maximum length, as the SD pipelines pad them."""
-    return tokenizer(
-        list(captions),
-        padding='max_length',
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors='pt',
-    ).input_ids
+    return padded_token_ids(tokenizer, captions)
 
 
 class TextConditioner:
@@ -175,6 +170,7 @@ class CLIPTextConditioner(TextConditioner):
     def __init__(self, text_encoder: nn.Module, tokenizer: Any, **kwargs: Any):
         super().__init__({'text_encoder': text_encoder, 'tokenizer': tokenizer}, **kwargs)
         self._empty_text_embeds: Optional[torch.Tensor] = None  # encoded once, for dropout on text_embeds
+        self._empty_input_ids: Optional[torch.Tensor] = None  # tokenized once, for dropout on input_ids
 
     def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         return {'input_ids': _tokenize(self.tokenizer, captions)}
@@ -189,7 +185,9 @@ class CLIPTextConditioner(TextConditioner):
         """Replace a ``caption_drop_prob`` fraction of rows by the empty caption's tokens, so that a trained
         encoder learns the unconditional input too."""
         mask = self.drop_mask(input_ids.shape[0], input_ids.device)
-        empty = self.tokenize([''])['input_ids'].to(input_ids.device).expand_as(input_ids)
+        if self._empty_input_ids is None:  # tokenized once, not on every step
+            self._empty_input_ids = self.tokenize([''])['input_ids']
+        empty = self._empty_input_ids.to(input_ids.device).expand_as(input_ids)
         return torch.where(mask[:, None], empty, input_ids)
 
     def drop_text_embeds(self, text_embeds: torch.Tensor) -> torch.Tensor:

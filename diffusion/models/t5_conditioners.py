@@ -94,7 +94,9 @@ class _EmbeddingPrompts:
     def _drop_tokens(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         first = next(iter(tokens.values()))
         mask = self.drop_mask(first.shape[0], first.device)
-        empty = self.tokenize([''])
+        empty = getattr(self, '_empty_tokens', None)
+        if empty is None:  # tokenized once, not on every step
+            empty = self._empty_tokens = self.tokenize([''])
         return {k: torch.where(mask[:, None], empty[k].to(v.device).expand_as(v), v) for k, v in tokens.items()}
 
     def _drop_embeddings(self, embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

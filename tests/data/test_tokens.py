@@ -1,0 +1,69 @@
+"""The dataloader's shortcuts give what transformers and torchvision give: token ids and pixels, value for value."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from diffusion.data.image_caption import SignedPixels, image_transform
+from diffusion.data.tokens import padded_token_ids
+from diffusion.models.t5 import build_t5_tokenizer
+from diffusion.models.text_encoders import EOS_TOKEN, build_clip_tokenizer
+
+CAPTIONS = [
+    'a large red circle on a plain gray background',
+    '',
+    '   ',
+    'A Photo of THE Eiffel-Tower, at night!!! 12345 ... (2019)',
+    'café crème brûlée, naïve façade — 東京タワー 🚀 emoji',
+    'a <|endoftext|> inside <|startoftext|> the caption',
+    ' '.join(['a very long caption about an orange triangle'] * 30),  # far past 77 tokens: truncated
+    'tab\tand\nnewline separated words',
+]
+
+
+def reference(tokenizer, captions):
+    return tokenizer(
+        list(captions), padding='max_length', max_length=tokenizer.model_max_length, truncation=True,
+        return_tensors='pt',
+    ).input_ids  # fmt: skip
+
+
+# SD2 and SDXL's second tokenizer pad with '!', SDXL's first with the end token.
+@pytest.mark.parametrize('pad_token', ['!', EOS_TOKEN])
+def test_padded_token_ids_equal_the_tokenizers_own_call(pad_token):
+    tokenizer = build_clip_tokenizer(pad_token=pad_token)
+    ids = padded_token_ids(tokenizer, CAPTIONS)
+    assert ids.dtype == torch.long and ids.shape == (len(CAPTIONS), tokenizer.model_max_length)
+    assert torch.equal(ids, reference(tokenizer, CAPTIONS))
+    # One at a time, as the dataset calls it, too; and the long caption really was cut (ends with the end token).
+    for i, caption in enumerate(CAPTIONS):
+        assert torch.equal(padded_token_ids(tokenizer, [caption])[0], ids[i])
+    assert ids[6, -1] == tokenizer.eos_token_id and (ids[6, :-1] != tokenizer.pad_token_id).all()
+
+
+def test_a_tokenizer_it_cannot_reproduce_goes_through_its_own_call():
+    clip = build_clip_tokenizer()
+    clip.padding_side = 'left'
+    assert torch.equal(padded_token_ids(clip, CAPTIONS), reference(clip, CAPTIONS))
+    assert (padded_token_ids(clip, ['a red circle'])[0, 0] == clip.pad_token_id).item()  # padded on the left
+    t5 = build_t5_tokenizer(max_length=16)  # a fast (Rust) tokenizer
+    assert torch.equal(padded_token_ids(t5, CAPTIONS), reference(t5, CAPTIONS))
+
+
+def test_signed_pixels_equal_torchvisions_to_tensor_then_normalize():
+    rng = np.random.default_rng(0)
+    reference_transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+    for shape, mode in (((37, 23, 3), 'RGB'), ((16, 16), 'L'), ((8, 40, 3), 'RGB')):
+        image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+        ours, theirs = SignedPixels()(image), reference_transform(image)
+        assert ours.dtype == torch.float32 and ours.shape == theirs.shape
+        assert torch.equal(ours, theirs)  # bit for bit, not approximately
+    # All 256 levels, including the ends: exactly -1 and 1.
+    levels = Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (3, 1)).T.reshape(16, 16, 3), 'RGB')
+    assert torch.equal(SignedPixels()(levels), reference_transform(levels))
+    assert SignedPixels()(levels).min() == -1.0 and SignedPixels()(levels).max() == 1.0
+    assert isinstance(image_transform(32).transforms[-1], SignedPixels)
