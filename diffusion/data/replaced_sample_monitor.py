@@ -59,10 +59,11 @@ class ReplacedSampleMonitor(Callback):
                 self._warned = True
             return
         flags = torch.as_tensor(batch[self.key])
-        counts = torch.tensor([int((flags != 0).sum()), flags.numel()], dtype=torch.int64)
-        counts = state.device.tensor_to_device(counts)
-        dist.all_reduce(counts, reduce_operation='SUM')
-        replaced, seen = counts.tolist()
+        replaced, seen = int((flags != 0).sum()), flags.numel()
+        if dist.get_world_size() > 1:  # one process needs no collective on every step
+            counts = state.device.tensor_to_device(torch.tensor([replaced, seen], dtype=torch.int64))
+            dist.all_reduce(counts, reduce_operation='SUM')
+            replaced, seen = counts.tolist()
         self.replaced += replaced
         self.seen += seen
         if self.seen >= self.min_samples and self.replaced_fraction > self.max_replaced_fraction:
