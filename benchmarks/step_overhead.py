@@ -1,0 +1,279 @@
+"""The framework's cost per training step: a bare PyTorch loop against the same model in Composer's ``Trainer``.
+
+Three ways to train the same tiny latent-diffusion model (loaded through ``pretrained_components`` from a diffusers
+folder the benchmark writes), on the same batches from the same seed, with the same optimizer (``torch.optim.AdamW``),
+run in one process and in alternation (a, b, c, a, b, c, ...) so that load on the machine falls on all three alike:
+
+    (a) ``bare``: a loop written here on the diffusers modules: VAE encode and text encode without gradients (or the
+        precomputed moments and embeddings), DDPM noise, UNet forward, MSE, backward, step, zero_grad. Batches come
+        from a list in memory.
+    (b) ``trainer``: the project's ``StableDiffusion`` in Composer's ``Trainer`` as ``train.py`` builds it
+        (:func:`diffusion.builders.build_trainer`: its checks, built-in callbacks and checkpoint guards), with no
+        yaml callbacks or loggers, fed the same in-memory batches.
+    (c) ``full``: (b) with the streaming dataloader of the run (MDS shards, decode, transforms, replacement checks,
+        licence and fingerprint checks) and the callbacks and loggers a run yaml sets (``lr_monitor``,
+        ``speed_monitor``, ``replaced_sample_monitor``, the file logger).
+
+The time of a step is the wall time between the ends of two consecutive steps (so (c) includes fetching and
+decoding its batch); the first step of each chunk is left out. Reported: median ms per step and the ratio to (a),
+for images and for precomputed latents at each resolution.
+
+    python benchmarks/step_overhead.py                          # 32 and 64 px, images and latents
+    python benchmarks/step_overhead.py --resolutions 64 --inputs images --rounds 4 --steps 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from composer import Callback, Event
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel
+
+from diffusion.builders import build_trainer
+from diffusion.data.synthetic import write_synthetic_dataset
+from diffusion.models import tiny_stable_diffusion
+
+BATCH_SIZE = 16
+NUM_IMAGES = 256
+MODES = ('bare', 'trainer', 'full')
+
+
+def prepare(root: str, resolution: int) -> dict[str, str]:
+    """The pipeline folder, the image shards and the precomputed-latent shards (written once per ``root``)."""
+    paths = {
+        'pipeline': os.path.join(root, 'pipeline'),
+        'images': os.path.join(root, f'images_{resolution}'),
+        'latents': os.path.join(root, f'latents_{resolution}'),
+    }
+    if not os.path.isdir(paths['pipeline']):
+        torch.manual_seed(0)
+        tiny_stable_diffusion().pipeline().save_pretrained(paths['pipeline'], safe_serialization=True)
+    if not os.path.isdir(paths['images']):
+        write_synthetic_dataset(paths['images'], NUM_IMAGES, seed=0, image_size=resolution, progress=False)
+    if not os.path.isdir(paths['latents']):
+        config = os.path.join(root, 'precompute.yaml')
+        with open(config, 'w') as f:
+            json.dump(config_dict(paths, 'images', resolution, full=False, run_folder=root), f)
+        subprocess.run(
+            [sys.executable, '-m', 'diffusion.pipeline', 'precompute', '--input', paths['images'], '--config', config,
+             '--out', paths['latents'], '--no-progress'],
+            check=True,
+        )  # fmt: skip
+    return paths
+
+
+def config_dict(paths: dict[str, str], inputs: str, resolution: int, full: bool, run_folder: str) -> dict[str, Any]:
+    """The run config of (b) and (c): the model from the pipeline folder, AdamW, fp32, no eval, no checkpoints."""
+    dataloader: dict[str, Any] = {'name': 'image_caption', 'remote': paths['images'], 'resolution': resolution}
+    if inputs == 'latents':
+        dataloader = {'name': 'latents', 'remote': paths['latents']}
+    return {
+        'run_name': f'step_overhead_{inputs}_{resolution}_{"full" if full else "trainer"}',
+        'run_folder': run_folder,
+        'seed': 17,
+        'model': {
+            'name': 'tiny_stable_diffusion',
+            'pretrained_model_name_or_path': paths['pipeline'],
+            'pretrained_components': ['unet', 'vae', 'text_encoder', 'tokenizer'],
+            'prediction_type': 'epsilon',
+        },
+        'train_dataloader': {
+            **dataloader,
+            'batch_size': BATCH_SIZE,
+            **({'crop': 'center'} if inputs == 'images' else {}),
+        },
+        'max_duration': '1000000ba',
+        'optimizer': {'name': 'adamw', 'lr': 1.0e-4},
+        'precision': 'fp32',
+        'progress_bar': False,
+        'callbacks': (
+            {'lr_monitor': {}, 'speed_monitor': {'window_size': 10}, 'replaced_sample_monitor': {}} if full else {}
+        ),
+        'loggers': {'file': {'filename': os.path.join(run_folder, 'log.txt')}} if full else {},
+    }
+
+
+class StepClock(Callback):
+    """Wall and process CPU time at the end of every training step."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[float, float]] = []
+
+    def run_event(self, event: Event, state, logger) -> None:
+        if event == Event.BATCH_END:
+            self.marks.append((time.perf_counter(), time.process_time()))
+
+
+def cycle(batches: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    while True:
+        yield from batches
+
+
+class InMemory:
+    """An endless iterable over the same batches, for Composer's ``fit(train_dataloader=...)``."""
+
+    def __init__(self, batches: list[dict[str, Any]]):
+        self.batches = batches
+
+    def __iter__(self):
+        return cycle(self.batches)
+
+
+def bare_runner(
+    paths: dict[str, str], batches: list[dict[str, Any]], inputs: str
+) -> Callable[[int], list[tuple[float, float]]]:
+    """(a): a training loop on the diffusers modules, loaded from the same folder with the same seed."""
+    torch.manual_seed(17)
+    unet = UNet2DConditionModel.from_pretrained(paths['pipeline'], subfolder='unet', use_safetensors=True).train()
+    vae = AutoencoderKL.from_pretrained(paths['pipeline'], subfolder='vae', use_safetensors=True).eval()
+    text_encoder = CLIPTextModel.from_pretrained(paths['pipeline'], subfolder='text_encoder', use_safetensors=True)
+    text_encoder.eval()
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    scheduler = DDPMScheduler.from_pretrained(paths['pipeline'], subfolder='scheduler')
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1.0e-4)
+    stream = cycle(batches)
+
+    def step(batch: dict[str, Any]) -> None:
+        with torch.no_grad():
+            if inputs == 'images':
+                moments = vae.encode(batch['image']).latent_dist
+                mean, std = moments.mean, moments.std
+                text_embeds = text_encoder(batch['input_ids'])[0]
+            else:
+                mean, std = batch['image_latents_mean'].float(), batch['image_latents_std'].float()
+                text_embeds = batch['text_embeds'].float()
+            latents = (mean + std * torch.randn_like(mean)) * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        prediction = unet(noisy, timesteps, text_embeds).sample
+        F.mse_loss(prediction.float(), noise.float()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def run(steps: int) -> list[tuple[float, float]]:
+        marks = []
+        for _ in range(steps):
+            step(next(stream))
+            marks.append((time.perf_counter(), time.process_time()))
+        return marks
+
+    return run
+
+
+def trainer_runner(
+    paths: dict[str, str], batches: list[dict[str, Any]], inputs: str, resolution: int, full: bool, scratch: str
+) -> Callable[[int], list[tuple[float, float]]]:
+    """(b) and (c): ``build_trainer`` as ``train.py`` calls it; (b) is fitted on the in-memory batches."""
+    run_folder = tempfile.mkdtemp(dir=scratch)
+    trainer = build_trainer(config_dict(paths, inputs, resolution, full, run_folder))
+    clock = StepClock()
+    trainer.state.callbacks.append(clock)
+    memory = None if full else InMemory(batches)
+
+    def run(steps: int) -> list[tuple[float, float]]:
+        clock.marks = []
+        if memory is None:
+            trainer.fit(duration=f'{steps}ba')
+        else:
+            trainer.fit(train_dataloader=memory, duration=f'{steps}ba')
+        return clock.marks
+
+    return run
+
+
+def collect_batches(paths: dict[str, str], inputs: str, resolution: int, scratch: str, count: int) -> list[dict]:
+    """``count`` batches from the run's own dataloader (so (a) and (b) see exactly what (c) decodes)."""
+    trainer = build_trainer(config_dict(paths, inputs, resolution, False, tempfile.mkdtemp(dir=scratch)))
+    batches = []
+    for batch in trainer.state.train_dataloader:
+        batches.append(batch)
+        if len(batches) == count:
+            break
+    trainer.close()
+    return batches
+
+
+def measure(case: tuple[int, str], rounds: int, steps: int, scratch: str) -> dict[str, Any]:
+    resolution, inputs = case
+    paths = prepare(scratch, resolution)
+    batches = collect_batches(paths, inputs, resolution, scratch, NUM_IMAGES // BATCH_SIZE)
+    runners = {
+        'bare': bare_runner(paths, batches, inputs),
+        'trainer': trainer_runner(paths, batches, inputs, resolution, False, scratch),
+        'full': trainer_runner(paths, batches, inputs, resolution, True, scratch),
+    }
+    for run in runners.values():  # warm-up: first-call allocations, the streaming iterator
+        run(3)
+    wall: dict[str, list[float]] = {mode: [] for mode in MODES}
+    cpu: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for _ in range(rounds):
+        for mode in MODES:
+            marks = runners[mode](steps + 1)
+            wall[mode] += [b[0] - a[0] for a, b in zip(marks, marks[1:])]
+            cpu[mode] += [b[1] - a[1] for a, b in zip(marks, marks[1:])]
+    medians = {mode: statistics.median(values) * 1000 for mode, values in wall.items()}
+    cpu_medians = {mode: statistics.median(values) * 1000 for mode, values in cpu.items()}
+    return {
+        'resolution': resolution,
+        'inputs': inputs,
+        'steps_per_mode': len(wall['bare']),
+        'ms_per_step': {mode: round(value, 1) for mode, value in medians.items()},
+        'ratio_to_bare': {mode: round(value / medians['bare'], 3) for mode, value in medians.items()},
+        'cpu_ms_per_step': {mode: round(value, 1) for mode, value in cpu_medians.items()},
+        'cpu_ratio_to_bare': {mode: round(value / cpu_medians['bare'], 3) for mode, value in cpu_medians.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--resolutions', type=int, nargs='+', default=[32, 64])
+    parser.add_argument('--inputs', nargs='+', choices=('images', 'latents'), default=['images', 'latents'])
+    parser.add_argument('--rounds', type=int, default=5, help='Alternations of the three modes.')
+    parser.add_argument('--steps', type=int, default=12, help='Timed steps per mode per round.')
+    parser.add_argument('--threads', type=int, default=None, help="torch's intra-op threads (default: torch's).")
+    parser.add_argument('--scratch', default=None, help='Folder for the pipeline and shards (default: a temp dir).')
+    parser.add_argument('--json', default=None, help='Also write the results here.')
+    args = parser.parse_args(argv)
+    scratch = args.scratch or tempfile.mkdtemp(prefix='step_overhead_')
+    os.makedirs(scratch, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(
+        f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}'
+    )
+    results = []
+    print(
+        '| px | inputs | (a) bare ms | (b) trainer ms | (c) full ms | (b)/(a) | (c)/(a) | CPU (b)/(a) | CPU (c)/(a) |'
+    )
+    print('|---:|---|---:|---:|---:|---:|---:|---:|---:|')
+    for resolution in args.resolutions:
+        for inputs in args.inputs:
+            result = measure((resolution, inputs), args.rounds, args.steps, scratch)
+            results.append(result)
+            ms, ratio, cpu = result['ms_per_step'], result['ratio_to_bare'], result['cpu_ratio_to_bare']
+            print(
+                f'| {resolution} | {inputs} | {ms["bare"]} | {ms["trainer"]} | {ms["full"]} | '
+                f'{ratio["trainer"]:.3f} | {ratio["full"]:.3f} | {cpu["trainer"]:.3f} | {cpu["full"]:.3f} |',
+                flush=True,
+            )
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == '__main__':
+    main()
