@@ -106,13 +106,19 @@ def config_dict(paths: dict[str, str], inputs: str, resolution: int, full: bool,
 
 
 class StepClock(Callback):
-    """Wall and process CPU time at the end of every training step."""
+    """Wall and process CPU time at the end of every training step, and the wall time spent fetching batches."""
 
     def __init__(self) -> None:
         self.marks: list[tuple[float, float]] = []
+        self.fetch: list[float] = []
+        self._fetch_start = 0.0
 
     def run_event(self, event: Event, state, logger) -> None:
-        if event == Event.BATCH_END:
+        if event == Event.BEFORE_DATALOADER:
+            self._fetch_start = time.perf_counter()
+        elif event == Event.AFTER_DATALOADER:
+            self.fetch.append(time.perf_counter() - self._fetch_start)
+        elif event == Event.BATCH_END:
             self.marks.append((time.perf_counter(), time.process_time()))
 
 
@@ -185,13 +191,16 @@ def trainer_runner(
     memory = None if full else InMemory(batches)
 
     def run(steps: int) -> list[tuple[float, float]]:
-        clock.marks = []
+        clock.marks, clock.fetch = [], []
         if memory is None:
             trainer.fit(duration=f'{steps}ba')
         else:
             trainer.fit(train_dataloader=memory, duration=f'{steps}ba')
+        fetched.extend(clock.fetch[1:])  # as the steps: the first of a chunk is left out
         return clock.marks
 
+    fetched: list[float] = []
+    run.fetched = fetched  # type: ignore[attr-defined]
     return run
 
 
@@ -226,6 +235,7 @@ def measure(case: tuple[int, str], rounds: int, steps: int, scratch: str) -> dic
             wall[mode] += [b[0] - a[0] for a, b in zip(marks, marks[1:])]
             cpu[mode] += [b[1] - a[1] for a, b in zip(marks, marks[1:])]
     medians = {mode: statistics.median(values) * 1000 for mode, values in wall.items()}
+    fetch = {mode: statistics.median(getattr(runners[mode], 'fetched', None) or [0.0]) * 1000 for mode in MODES}
     cpu_medians = {mode: statistics.median(values) * 1000 for mode, values in cpu.items()}
     return {
         'resolution': resolution,
@@ -233,6 +243,7 @@ def measure(case: tuple[int, str], rounds: int, steps: int, scratch: str) -> dic
         'steps_per_mode': len(wall['bare']),
         'ms_per_step': {mode: round(value, 1) for mode, value in medians.items()},
         'ratio_to_bare': {mode: round(value / medians['bare'], 3) for mode, value in medians.items()},
+        'fetch_ms_per_step': {mode: round(value, 1) for mode, value in fetch.items()},
         'cpu_ms_per_step': {mode: round(value, 1) for mode, value in cpu_medians.items()},
         'cpu_ratio_to_bare': {mode: round(value / cpu_medians['bare'], 3) for mode, value in cpu_medians.items()},
     }
@@ -257,9 +268,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     results = []
     print(
-        '| px | inputs | (a) bare ms | (b) trainer ms | (c) full ms | (b)/(a) | (c)/(a) | CPU (b)/(a) | CPU (c)/(a) |'
+        '| px | inputs | (a) bare ms | (b) trainer ms | (c) full ms | (b)/(a) | (c)/(a) | CPU (b)/(a) | CPU (c)/(a) '
+        '| (c) fetch ms |'
     )
-    print('|---:|---|---:|---:|---:|---:|---:|---:|---:|')
+    print('|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|')
     for resolution in args.resolutions:
         for inputs in args.inputs:
             result = measure((resolution, inputs), args.rounds, args.steps, scratch)
@@ -267,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
             ms, ratio, cpu = result['ms_per_step'], result['ratio_to_bare'], result['cpu_ratio_to_bare']
             print(
                 f'| {resolution} | {inputs} | {ms["bare"]} | {ms["trainer"]} | {ms["full"]} | '
-                f'{ratio["trainer"]:.3f} | {ratio["full"]:.3f} | {cpu["trainer"]:.3f} | {cpu["full"]:.3f} |',
+                f'{ratio["trainer"]:.3f} | {ratio["full"]:.3f} | {cpu["trainer"]:.3f} | {cpu["full"]:.3f} | '
+                f'{result["fetch_ms_per_step"]["full"]} |',
                 flush=True,
             )
     if args.json:
