@@ -184,7 +184,8 @@ def export_lora(
     Args:
         model: A model with one ``lora`` adapter applied; not modified.
         out_dir (str): Folder for the files (created).
-        kohya_file (str, optional): File name (in ``out_dir``) of the kohya-layout file; ``None`` skips it.
+        kohya_file (str, optional): File name (in ``out_dir``) of the kohya-layout file (SD1/SD2/SDXL UNet models
+            only; an SD3 model is refused, naming it); ``None`` skips it.
         model_card (bool): Write ``README.md``. Default: ``True``.
         **card_kwargs: As for :func:`export_model` (``config``, ``provenance``, ``data_fingerprint``, ...).
 
@@ -197,6 +198,13 @@ def export_lora(
     from diffusion.models.lora import ADAPTER_NAME, base_digest
 
     adapter = _lora_adapter(model)
+    unsupported = [a for a in adapter.adapted if a not in KOHYA_PREFIXES]
+    if kohya_file and unsupported:  # before anything is written
+        raise ValueError(
+            f'kohya_file={kohya_file!r}: the kohya / ComfyUI LoRA layout is for SD1/SD2/SDXL UNet models; this '
+            f'{type(model.pipeline()).__name__} adapts {", ".join(unsupported)}, which it has no keys for. Export '
+            f'the diffusers file alone (kohya_file=None, or no --kohya), which load_lora_weights reads.'
+        )
     if model_card:
         check_provenance(card_kwargs.get('provenance'), card_kwargs.get('data_fingerprint'),
                          card_kwargs.get('force_provenance', False))  # fmt: skip
@@ -205,10 +213,14 @@ def export_lora(
     for attribute in adapter.adapted:
         module = getattr(model, attribute)
         weights = _peft_weights(module)
-        layers[f'{attribute}_lora_layers'] = convert_state_dict_to_diffusers(dict(weights))
+        # The UNet and CLIP layers in diffusers' own LoRA names; SD3's transformer keeps peft's (lora_A / lora_B),
+        # which is what its loader takes: the converter renames only some of its layers (to_q.lora.down but
+        # add_q_proj.lora_A), and diffusers would then skip the renamed ones with a warning.
+        diffusers_names = attribute != 'transformer'
+        layers[f'{attribute}_lora_layers'] = (
+            convert_state_dict_to_diffusers(dict(weights)) if diffusers_names else weights
+        )
         metadata[f'{attribute}_lora_adapter_metadata'] = module.peft_config[ADAPTER_NAME].to_dict()
-        if attribute not in KOHYA_PREFIXES and kohya_file:
-            raise ValueError(f'The kohya layout has no prefix for {attribute}; export with kohya_file=None.')
         if kohya_file:
             prefix = KOHYA_PREFIXES[attribute]
             if attribute == 'text_encoder' and getattr(model, 'text_encoder_2', None) is not None:

@@ -99,3 +99,65 @@ def test_lora_exports_load_in_plain_diffusers_and_sample_the_models_images(build
                              str(tmp_path / 'fused'))  # fmt: skip
     for kind in ('diffusers', 'kohya', 'fused'):
         torch.testing.assert_close(theirs[kind], ours, atol=1e-4, rtol=0, msg=kind)
+
+
+# Plain diffusers with an SD3 base: the LoRA file through StableDiffusion3Pipeline.load_lora_weights.
+SD3_DIFFUSERS_ONLY = """
+import sys
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+assert 'diffusion' not in sys.modules
+base, lora_dir, out = sys.argv[1:]
+pipe = StableDiffusion3Pipeline.from_pretrained(base, local_files_only=True, use_safetensors=True)
+pipe.load_lora_weights(lora_dir, weight_name='{lora}')
+pipe.set_progress_bar_config(disable=True)
+images = pipe({prompts}, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type='pt',
+              guidance_scale=3.0, height=16, width=16, max_sequence_length=pipe.tokenizer_3.model_max_length).images
+assert 'diffusion' not in sys.modules
+torch.save(images, out)
+"""
+
+
+def test_an_mmdit_lora_loads_in_plain_diffusers_sd3_and_samples_the_models_images(tmp_path):
+    from tests.models.test_mmdit import build_tiny_sd3
+
+    torch.manual_seed(0)
+    base = build_tiny_sd3(use_attention_mask=False).eval()  # diffusers' SD3 pipeline runs T5 unmasked
+    torch.manual_seed(0)
+    model = build_tiny_sd3(use_attention_mask=False)
+    adapter = LoRA(rank=2, alpha=4)
+    adapter.name = 'lora'
+    adapter.apply(model)
+    model.adapters.append(adapter)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if 'lora_B' in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    model.eval()
+    sampling = dict(num_inference_steps=3, seed=0, guidance_scale=3.0, height=16, width=16)
+    ours = model.generate(PROMPTS, **sampling)
+    assert not torch.allclose(ours, base.generate(PROMPTS, **sampling), atol=1e-3)
+
+    # The kohya layout has no SD3 keys: refused in one line, before anything is written.
+    with pytest.raises(ValueError, match=r"^kohya_file='lora_kohya.safetensors': .* is for SD1/SD2/SDXL UNet models"):
+        export_lora(model, str(tmp_path / 'refused'))
+    assert not (tmp_path / 'refused').exists()
+
+    export_model(base, str(tmp_path / 'base'), model_card=False)
+    written = export_lora(model, str(tmp_path / 'lora'), kohya_file=None)
+    assert set(written) == {'lora', 'model_card'}
+    with safe_open(written['lora'], 'pt') as f:
+        keys = list(f.keys())
+    # peft's names for every layer (the loader of SD3 skips diffusers' older lora.down / lora.up names).
+    assert keys and all(k.startswith('transformer.') and k.endswith(('.lora_A.weight', '.lora_B.weight')) for k in keys)
+
+    script = tmp_path / 'plain_sd3.py'
+    script.write_text(SD3_DIFFUSERS_ONLY.format(lora=LORA_WEIGHTS, prompts=PROMPTS))
+    out = tmp_path / 'theirs.pt'
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / 'base'), str(tmp_path / 'lora'), str(out)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(torch.load(out, weights_only=True), ours, atol=1e-4, rtol=0)
