@@ -11,6 +11,11 @@ example shows how plain diffusers gets this model's T5 conditioning) with the tr
 provenance report and attribution manifest copied beside it. A ``--provenance`` report whose dataset fingerprint
 differs from the one the checkpoint recorded for its training data is refused before anything is written, unless
 ``--force-provenance``.
+
+A checkpoint of a LoRA run (``model.adapters: {lora: ...}``) exports three ways: by default, or with ``--fused``
+(which refuses a checkpoint without adapters), the adapter merged into a plain pipeline; with ``--lora``, the adapter
+alone (:func:`export_lora`: diffusers' ``pytorch_lora_weights.safetensors`` and the model card), plus with
+``--kohya NAME`` the kohya / ComfyUI file (SD1/SD2/SDXL models).
 """
 
 from __future__ import annotations
@@ -276,13 +281,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--attribution-url', help='Public URL of the attribution manifest, linked in the card.')
     parser.add_argument('--name', help='Model name in the card (default: the run name).')
     parser.add_argument('--dtype', choices=list(DTYPES), default='fp32')
+    adapter = parser.add_mutually_exclusive_group()
+    adapter.add_argument(
+        '--lora',
+        action='store_true',
+        help=f'Write the LoRA adapter alone ({LORA_WEIGHTS} for diffusers load_lora_weights, and the model card) '
+        'instead of a pipeline; the checkpoint must hold one lora adapter.',
+    )
+    adapter.add_argument(
+        '--fused',
+        action='store_true',
+        help='Write the pipeline with the adapters merged into the base weights (what a plain export of an adapter '
+        'checkpoint does), and refuse a checkpoint that has no adapters.',
+    )
+    parser.add_argument(
+        '--kohya',
+        metavar='NAME',
+        help='With --lora: also write the adapter in the kohya / ComfyUI layout as this file in --out (SD1/SD2/SDXL).',
+    )
     parser.add_argument('--device', default='cpu')
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, str]:
     """Command line; see ``--help``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.kohya and not args.lora:
+        parser.error('--kohya writes the LoRA adapter in the kohya layout: add --lora')
+    if args.lora and (args.single_file or args.dtype != 'fp32'):
+        parser.error('--lora writes the adapter alone, in fp32: --single-file and --dtype apply to pipeline exports')
+    if args.kohya and os.path.dirname(args.kohya):
+        parser.error(f'--kohya {args.kohya}: give a file name, written in --out')
     if args.provenance is not None and not os.path.isfile(args.provenance):
         raise SystemExit(f'error: --provenance {args.provenance} does not exist')
     try:  # before the model loads, which takes minutes for SD2
@@ -293,21 +323,37 @@ def main(argv: Optional[list[str]] = None) -> dict[str, str]:
         raise SystemExit(f'error: {error}') from None
     loaded = load_checkpoint(args.checkpoint, args.config, use_ema=not args.no_ema, device=args.device)
     print(f'Loaded {loaded.describe()}')
-    try:
-        written = export_model(
-            loaded.model,
-            args.out,
-            dtype=args.dtype,
-            single_file=args.single_file,
-            config=loaded.config,
-            provenance=args.provenance,
-            data_fingerprint=loaded.data_fingerprint,
-            force_provenance=args.force_provenance,
-            attribution_url=args.attribution_url,
-            weights=loaded.weights,
-            batch=loaded.batch,
-            name=args.name,
+    adapters = [getattr(a, 'name', '') or type(a).__name__ for a in getattr(loaded.model, 'adapters', None) or []]
+    if args.fused and not adapters:
+        raise SystemExit(
+            f'error: --fused: {args.checkpoint} has no adapters to merge (its model.adapters is empty); export it '
+            'without --fused.'
         )
+    card_kwargs = dict(
+        config=loaded.config,
+        provenance=args.provenance,
+        data_fingerprint=loaded.data_fingerprint,
+        force_provenance=args.force_provenance,
+        attribution_url=args.attribution_url,
+        weights=loaded.weights,
+        batch=loaded.batch,
+        name=args.name,
+    )
+    if args.lora:
+        if adapters != ['lora']:
+            raise SystemExit(
+                f'error: --lora: {args.checkpoint} needs one lora adapter (model.adapters: {{lora: ...}}); it has '
+                f'{adapters or "none"}.'
+            )
+        try:
+            written = export_lora(loaded.model, args.out, kohya_file=args.kohya, **card_kwargs)
+        except (ProvenanceMismatchError, ValueError) as error:
+            raise SystemExit(f'error: {error}') from None
+        for what, path in written.items():
+            print(f'{what}: {path}')
+        return written
+    try:
+        written = export_model(loaded.model, args.out, dtype=args.dtype, single_file=args.single_file, **card_kwargs)
     except ProvenanceMismatchError as error:
         raise SystemExit(f'error: {error}') from None
     for what, path in written.items():

@@ -161,3 +161,49 @@ def test_an_mmdit_lora_loads_in_plain_diffusers_sd3_and_samples_the_models_image
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     torch.testing.assert_close(torch.load(out, weights_only=True), ours, atol=1e-4, rtol=0)
+
+
+def test_the_export_cli_writes_the_lora_files_the_kohya_file_and_the_fused_pipeline(synthetic_dataset, tmp_path):
+    from diffusion.inference.export import main as export_cli
+    from diffusion.inference.loading import load_checkpoint
+    from diffusion.models.adapters import merge_adapters
+    from tests.models.test_lora import lora_run
+
+    trainer = lora_run(synthetic_dataset, str(tmp_path / 'run'), 'max_duration=1ba', 'save_interval=1ba')
+    trainer.fit()
+    checkpoint = str(tmp_path / 'run' / 'checkpoints' / 'ep0-ba1-rank0.pt')
+    trained = {n: p.detach().clone() for n, p in trainer.state.model.named_parameters() if 'lora_' in n}
+
+    written = export_cli(
+        ['--checkpoint', checkpoint, '--out', str(tmp_path / 'lora'), '--lora', '--kohya', 'k.safetensors']
+    )
+    assert set(written) == {'lora', 'kohya', 'model_card'} and written['kohya'] == str(
+        tmp_path / 'lora' / 'k.safetensors'
+    )
+    with safe_open(written['lora'], 'pt') as f:
+        # One A and one B per adapted layer, under diffusers' UNet names, holding the trained values.
+        assert len(list(f.keys())) == len(trained)
+        up = {k: f.get_tensor(k) for k in f.keys() if k.endswith('lora.up.weight')}
+    some_b = next(n for n in trained if 'lora_B' in n)
+    stem = some_b.split('.lora_B', 1)[0]
+    assert torch.equal(up[f'{stem}.lora.up.weight'], trained[some_b])
+    with safe_open(written['kohya'], 'pt') as f:
+        assert sum(k.endswith('.lora_up.weight') for k in f.keys()) == len(trained) // 2
+
+    fused = export_cli(['--checkpoint', checkpoint, '--out', str(tmp_path / 'fused'), '--fused'])
+    merged = merge_adapters(load_checkpoint(checkpoint).model)
+    reloaded = load_checkpoint(fused['pipeline']).model
+    assert not reloaded.adapters and not any('lora_' in k for k in reloaded.state_dict())
+    expected = merged.unet.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in reloaded.unet.state_dict().items())
+
+    # A model without adapters: --fused and --lora are refused, naming the checkpoint.
+    base = tmp_path / 'base'
+    build_tiny_sd().pipeline().save_pretrained(base, safe_serialization=True)
+    with pytest.raises(SystemExit, match=rf'--fused: {base} has no adapters to merge'):
+        export_cli(['--checkpoint', str(base), '--out', str(tmp_path / 'x'), '--fused'])
+    with pytest.raises(SystemExit, match=rf'--lora: {base} needs one lora adapter .* it has none'):
+        export_cli(['--checkpoint', str(base), '--out', str(tmp_path / 'y'), '--lora'])
+    assert not any((tmp_path / 'x').iterdir()) and not any((tmp_path / 'y').iterdir())  # nothing written
+    with pytest.raises(SystemExit):  # argparse: --kohya needs --lora
+        export_cli(['--checkpoint', checkpoint, '--out', str(tmp_path / 'z'), '--kohya', 'k.safetensors'])
