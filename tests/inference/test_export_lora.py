@@ -108,12 +108,16 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 assert 'diffusion' not in sys.modules
-base, lora_dir, out = sys.argv[1:]
-pipe = StableDiffusion3Pipeline.from_pretrained(base, local_files_only=True, use_safetensors=True)
-pipe.load_lora_weights(lora_dir, weight_name='{lora}')
-pipe.set_progress_bar_config(disable=True)
-images = pipe({prompts}, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type='pt',
-              guidance_scale=3.0, height=16, width=16, max_sequence_length=pipe.tokenizer_3.model_max_length).images
+base, lora_dir, fused, out = sys.argv[1:]
+images = {{}}
+for name, folder in (('lora', base), ('fused', fused)):
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    if name == 'lora':
+        pipe.load_lora_weights(lora_dir, weight_name='{lora}')
+    pipe.set_progress_bar_config(disable=True)
+    images[name] = pipe({prompts}, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                        output_type='pt', guidance_scale=3.0, height=16, width=16,
+                        max_sequence_length=pipe.tokenizer_3.model_max_length).images
 assert 'diffusion' not in sys.modules
 torch.save(images, out)
 """
@@ -147,6 +151,7 @@ def test_an_mmdit_lora_loads_in_plain_diffusers_sd3_and_samples_the_models_image
 
     export_model(base, str(tmp_path / 'base'), model_card=False)
     written = export_lora(model, str(tmp_path / 'lora'), kohya_file=None)
+    export_model(model, str(tmp_path / 'fused'), model_card=False)
     assert set(written) == {'lora', 'model_card'}
     with safe_open(written['lora'], 'pt') as f:
         keys = list(f.keys())
@@ -157,10 +162,13 @@ def test_an_mmdit_lora_loads_in_plain_diffusers_sd3_and_samples_the_models_image
     script.write_text(SD3_DIFFUSERS_ONLY.format(lora=LORA_WEIGHTS, prompts=PROMPTS))
     out = tmp_path / 'theirs.pt'
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-    result = subprocess.run([sys.executable, str(script), str(tmp_path / 'base'), str(tmp_path / 'lora'), str(out)],
+    folders = [str(tmp_path / name) for name in ('base', 'lora', 'fused')]
+    result = subprocess.run([sys.executable, str(script), *folders, str(out)],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    torch.testing.assert_close(torch.load(out, weights_only=True), ours, atol=1e-4, rtol=0)
+    theirs = torch.load(out, weights_only=True)
+    for kind in ('lora', 'fused'):
+        torch.testing.assert_close(theirs[kind], ours, atol=1e-4, rtol=0, msg=kind)
 
 
 def test_the_export_cli_writes_the_lora_files_the_kohya_file_and_the_fused_pipeline(synthetic_dataset, tmp_path):
