@@ -198,7 +198,8 @@ def export_lora(
         dict[str, str]: Paths written: ``lora``, and ``kohya`` and ``model_card`` when written.
     """
     from diffusers.utils import convert_state_dict_to_diffusers
-    from safetensors.torch import save_file
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     from diffusion.models.lora import ADAPTER_NAME, base_digest
 
@@ -241,6 +242,12 @@ def export_lora(
     base_name = config.model.get('name') if config is not None else type(model).__name__
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     digest = base_digest(model, exclude=trainable)
+    # The base beside diffusers' own metadata, so that diffusion.inference.lora_files.load_lora refuses another base
+    # (diffusers reads only its lora_adapter_metadata key and ignores these).
+    with safe_open(written['lora'], 'pt') as f:
+        saved_metadata = f.metadata() or {}
+    base_metadata = {'base_model': str(base_path or base_name), 'base_sha256': digest}
+    save_file(load_file(written['lora']), written['lora'], metadata={**saved_metadata, **base_metadata})
     if kohya_file:
         path = os.path.join(out_dir, kohya_file)
         info = {'ss_network_dim': str(adapter.rank), 'ss_network_alpha': str(adapter.alpha),
