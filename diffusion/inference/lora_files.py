@@ -34,9 +34,12 @@ __all__ = ['KOHYA_KEY_PREFIXES', 'LoraFileError', 'load_lora']
 #: The kohya layout's key prefixes this loader accepts: SD1/SD2 (``lora_unet_``, ``lora_te_``) and SDXL
 #: (``lora_te1_``, ``lora_te2_``).
 KOHYA_KEY_PREFIXES = ('lora_unet_', 'lora_te_', 'lora_te1_', 'lora_te2_')
-# Suffixes of the tensors that carry a LoRA update (alpha and the like are scalars beside them).
-_WEIGHT_SUFFIXES = ('.lora_down.weight', '.lora_up.weight', '.lora.down.weight', '.lora.up.weight',
-                    '.lora_A.weight', '.lora_B.weight')  # fmt: skip
+# The tensors that carry a LoRA update, in each layout diffusers reads (peft's lora_A / lora_B, diffusers'
+# lora.down / lora.up and, for CLIP, lora_linear_layer.down / .up, kohya's lora_down / lora_up); alpha and the like
+# are scalars beside them.
+_WEIGHT_KEY = re.compile(
+    r'\.(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up|lora_linear_layer\.(down|up))\.weight$'
+)
 _SIZE_MISMATCH = re.compile(r'size mismatch for (\S+): copying a param with shape (torch\.Size\(\[[^\]]*\]\)) from '
                             r'checkpoint, the shape in current model is (torch\.Size\(\[[^\]]*\]\))')  # fmt: skip
 _UNEXPECTED = re.compile(r'unexpected keys found in the model: (.*?)\.?\s*$', re.S)
@@ -102,9 +105,9 @@ def load_lora(model: Any, path: str, weight_name: Optional[str] = None, check_ba
     with safe_open(file, 'pt') as f:
         keys = list(f.keys())
         metadata = f.metadata() or {}
-    weights = [k for k in keys if k.endswith(_WEIGHT_SUFFIXES)]
+    weights = [k for k in keys if _WEIGHT_KEY.search(k)]
     if not weights:
-        raise LoraFileError(f'{file}: holds no LoRA weights (no key ends in {", ".join(_WEIGHT_SUFFIXES)}).')
+        raise LoraFileError(f'{file}: holds no LoRA weights (no key ends in lora_A/lora_B/lora_down/lora_up.weight).')
     if check_base and metadata.get('base_sha256'):
         from diffusion.models.lora import base_digest
 

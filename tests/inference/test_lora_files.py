@@ -155,3 +155,19 @@ def test_the_sampling_cli_draws_with_a_lora_file_and_refuses_one_for_another_bas
         sample_cli(['--checkpoint', str(tmp_path / 'other'), '--lora', str(folder), '--out', str(tmp_path / 'o2'),
                     *common])  # fmt: skip
     assert not (tmp_path / 'o2' / rows[0]['file']).exists()
+
+
+def test_a_diffusers_file_with_a_key_that_matches_no_layer_is_refused_naming_it(sd2_lora, tmp_path):
+    _, folder = sd2_lora
+    weights = load_file(folder / LORA_WEIGHTS)
+    with safe_open(folder / LORA_WEIGHTS, 'pt') as f:
+        metadata = f.metadata()
+    extra = {'unet.no_such_block.to_q.lora.down.weight': torch.zeros(2, 16),
+             'unet.no_such_block.to_q.lora.up.weight': torch.zeros(16, 2)}  # fmt: skip
+    save_file({**weights, **extra}, tmp_path / 'extra.safetensors', metadata=metadata)
+    target = base()
+    with pytest.raises(LoraFileError, match=r'extra.safetensors: 2 of its \d+ LoRA weights name no layer of this '
+                       r'StableDiffusionPipeline \(matching no layer: unet.no_such_block.to_q.lora.down.weight, '
+                       r'unet.no_such_block.to_q.lora.up.weight\); nothing was loaded.$'):  # fmt: skip
+        load_lora(target, str(tmp_path / 'extra.safetensors'))
+    assert not has_lora_layers(target)
