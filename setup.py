@@ -49,6 +49,9 @@ extras_require = {
         'selenium>=4,<5',
     ],
     'xformers': ['xformers==0.0.30'],
+    # optimizer.name=adamw_8bit (CUDA only). 0.48.2 is pinned as the release checked to co-install with torch 2.7
+    # (it needs torch>=2.3) without moving any other pin here; pip check is clean with it.
+    'bnb': ['bitsandbytes==0.48.2'],
 }
 
 setup(

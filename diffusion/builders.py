@@ -34,6 +34,7 @@ from diffusion.checkpointing import (
 )
 from diffusion.config import check_s3_credentials, validate_config
 from diffusion.models.adapters import apply_adapters
+from diffusion.optim import apply_tf32, parameter_groups
 from diffusion.parallelism import check_parallelism_config, resolve_parallelism
 from diffusion.utils import ConfigError
 
@@ -90,11 +91,11 @@ def build_dataloader(dataloader_cfg: Any, model: Any, where: str):
 
 
 def build_optimizer(optimizer_cfg: Any, model: Any):
-    """The optimizer named by ``optimizer.name`` over the parameters that require gradients."""
+    """The optimizer named by ``optimizer.name`` over the parameters that require gradients; with
+    ``optimizer.text_encoder_lr``, the text encoders' trainable weights form a second group at that learning rate
+    (:func:`diffusion.optim.parameter_groups`)."""
     kwargs = _section(optimizer_cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError('The model has no trainable parameters.')
+    params = parameter_groups(model, kwargs.pop('text_encoder_lr', None))
     return registry.optimizers.build(kwargs.pop('name'), kwargs, where='optimizer', params=params)
 
 
@@ -117,6 +118,8 @@ def check_sections(cfg: DictConfig) -> None:
             kwargs = _section(cfg[section])
             if section == 'model':
                 _check_model_components(kwargs)
+            if section == 'optimizer':
+                kwargs.pop('text_encoder_lr', None)  # build_optimizer's, not the optimizer class's
             provided = ('params',) if section == 'optimizer' else ('tokenizer',) if 'dataloader' in section else ()
             reg.check(kwargs.pop('name'), kwargs, where=section, provided=provided)
     for section in ('algorithms', 'callbacks', 'loggers'):
@@ -283,6 +286,7 @@ def build_trainer(cfg: Any) -> Trainer:
     check_save_folder(cfg)  # before anything is written in the run folder
     device = cfg.device or ('gpu' if torch.cuda.is_available() else 'cpu')
     dist.initialize_dist(DeviceGPU() if device == 'gpu' else DeviceCPU(), cfg.dist_timeout)
+    apply_tf32(cfg.tf32, device)
     reproducibility.seed_all(cfg.seed)
     if cfg.run_folder:
         os.makedirs(cfg.run_folder, exist_ok=True)

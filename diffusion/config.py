@@ -44,6 +44,8 @@ class TrainConfig:
         load_strict_model_weights: Refuse a checkpoint whose model state lacks some of the model's weights or holds
             others, naming them (Composer's own flag of that name applies only with ``load_weights_only``, and an
             empty model state loaded nothing, silently). ``false`` loads the weights that match and warns.
+        tf32: Run float32 matmuls and cuDNN convolutions in TF32 on the GPU (``torch.backends.cuda.matmul.allow_tf32``,
+            ``torch.backends.cudnn.allow_tf32``); no effect, logged, on a CPU run. See :mod:`diffusion.optim`.
     """
 
     model: Dict[str, Any] = MISSING
@@ -61,6 +63,7 @@ class TrainConfig:
     loggers: Dict[str, Optional[Dict[str, Any]]] = field(default_factory=dict)
     device: Optional[str] = None
     precision: Optional[str] = None
+    tf32: bool = False
     device_train_microbatch_size: Optional[Any] = None
     eval_interval: Any = 1
     eval_subset_num_batches: int = -1

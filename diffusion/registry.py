@@ -31,6 +31,7 @@ from diffusion.data.latents import build_latent_dataloader
 from diffusion.data.replaced_sample_monitor import ReplacedSampleMonitor
 from diffusion.models import autoencoder, factories, sd3_factories
 from diffusion.models.registries import adapters, denoisers, objectives, text_conditioners
+from diffusion.optim import adamw_8bit
 from diffusion.utils import Registry
 
 __all__ = [
@@ -110,7 +111,14 @@ schedulers.register_all(
         'multistep_with_warmup': composer_optim.MultiStepWithWarmupScheduler,
     }
 )
-optimizers.register_all({'adamw': torch.optim.AdamW, 'decoupled_adamw': composer_optim.DecoupledAdamW})
+optimizers.register_all(
+    {
+        'adamw': torch.optim.AdamW,
+        'decoupled_adamw': composer_optim.DecoupledAdamW,
+        # bitsandbytes' 8-bit AdamW (CUDA only, the optional `bnb` extra); refused in one line elsewhere.
+        'adamw_8bit': adamw_8bit,
+    }
+)
 models.register_all(
     {
         # Compose any denoiser, text conditioner and objective by name (model.denoiser: {name: ...}, ...).

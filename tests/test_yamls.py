@@ -4,6 +4,7 @@ import glob
 import os
 
 import pytest
+import torch
 
 from diffusion.builders import build_trainer
 from diffusion.config import load_config
@@ -82,7 +83,25 @@ SUBSTITUTES['demo_mmdit.yaml'] = [
 ]
 # The same model overrides as the precompute that writes its shards (tests/pipeline/test_precompute_t5.py).
 SUBSTITUTES['tiny_mmdit_latents_cpu.yaml'] = MMDIT_OVERRIDES
+# The fine-tuning yamls load every component from a pipeline folder: {pipeline} is a tiny one of the family, saved
+# by the test (see FINETUNE_BASES), so the yaml's own model section builds, with the path swapped.
+FINETUNE = ['model.pretrained_model_name_or_path={pipeline}', 'precision=fp32', 'train_dataloader.batch_size=4']
+SUBSTITUTES['finetune_sd2_lora.yaml'] = FINETUNE
+SUBSTITUTES['finetune_sd2_full.yaml'] = [*FINETUNE, 'device_train_microbatch_size=2']
+SUBSTITUTES['finetune_sdxl_lora.yaml'] = FINETUNE
+SUBSTITUTES['finetune_sd3_lora.yaml'] = FINETUNE
 # fmt: skip
+
+
+def finetune_base(name: str, folder: str):
+    """A tiny model of the family a fine-tuning yaml names, saved as a diffusers pipeline folder (safetensors)."""
+    from tests.conftest import build_tiny_sd, build_tiny_sdxl
+    from tests.models.test_mmdit import build_tiny_sd3
+
+    build = build_tiny_sdxl if 'sdxl' in name else build_tiny_sd3 if 'sd3' in name else build_tiny_sd
+    model = build()
+    model.pipeline().save_pretrained(folder, safe_serialization=True)
+    return model
 
 
 def test_every_yaml_has_build_substitutes():
@@ -106,6 +125,11 @@ def test_every_yaml_builds_a_trainer(name, synthetic_dataset, tmp_path):
         writer = precompute_sdxl if 'sdxl' in name_of else precompute_mmdit if 'diffusion_3' in name_of else precompute
         writer(synthetic_dataset, data)
     overrides = [o.replace('{data}', data) for o in SUBSTITUTES[name]]
+    if any('{pipeline}' in o for o in overrides):
+        base = finetune_base(name, str(tmp_path / 'base'))
+        overrides = [o.replace('{pipeline}', str(tmp_path / 'base')) for o in overrides]
+    else:
+        base = None
     overrides += [f'train_dataloader.remote={data}', f'run_folder={tmp_path}/run', 'save_folder=null']
     if 'resolution' in cfg.train_dataloader:
         overrides.append('train_dataloader.resolution=16')
@@ -118,6 +142,14 @@ def test_every_yaml_builds_a_trainer(name, synthetic_dataset, tmp_path):
     with open(tmp_path / 'run' / 'config.yaml') as f:
         assert f.read()  # the resolved config is saved with the run
     json.dumps(sorted(type(a).__name__ for a in trainer.state.algorithms))
+    if base is not None:  # every weight of the denoiser is the folder's, under the adapter the yaml asks for
+        from diffusion.models.lora import base_state_dict
+
+        attribute = base.denoiser.attribute
+        got = base_state_dict(getattr(trainer.state.model, attribute))
+        expected = getattr(base, attribute).state_dict()
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+        assert [a.name for a in trainer.state.model.adapters] == list(cfg.model.get('adapters') or {})
 
 
 def test_a_missing_data_path_names_the_key(tmp_path):

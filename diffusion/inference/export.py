@@ -11,6 +11,11 @@ example shows how plain diffusers gets this model's T5 conditioning) with the tr
 provenance report and attribution manifest copied beside it. A ``--provenance`` report whose dataset fingerprint
 differs from the one the checkpoint recorded for its training data is refused before anything is written, unless
 ``--force-provenance``.
+
+A checkpoint of a LoRA run (``model.adapters: {lora: ...}``) exports three ways: by default, or with ``--fused``
+(which refuses a checkpoint without adapters), the adapter merged into a plain pipeline; with ``--lora``, the adapter
+alone (:func:`export_lora`: diffusers' ``pytorch_lora_weights.safetensors`` and the model card), plus with
+``--kohya NAME`` the kohya / ComfyUI file (SD1/SD2/SDXL models).
 """
 
 from __future__ import annotations
@@ -184,7 +189,8 @@ def export_lora(
     Args:
         model: A model with one ``lora`` adapter applied; not modified.
         out_dir (str): Folder for the files (created).
-        kohya_file (str, optional): File name (in ``out_dir``) of the kohya-layout file; ``None`` skips it.
+        kohya_file (str, optional): File name (in ``out_dir``) of the kohya-layout file (SD1/SD2/SDXL UNet models
+            only; an SD3 model is refused, naming it); ``None`` skips it.
         model_card (bool): Write ``README.md``. Default: ``True``.
         **card_kwargs: As for :func:`export_model` (``config``, ``provenance``, ``data_fingerprint``, ...).
 
@@ -192,11 +198,19 @@ def export_lora(
         dict[str, str]: Paths written: ``lora``, and ``kohya`` and ``model_card`` when written.
     """
     from diffusers.utils import convert_state_dict_to_diffusers
-    from safetensors.torch import save_file
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     from diffusion.models.lora import ADAPTER_NAME, base_digest
 
     adapter = _lora_adapter(model)
+    unsupported = [a for a in adapter.adapted if a not in KOHYA_PREFIXES]
+    if kohya_file and unsupported:  # before anything is written
+        raise ValueError(
+            f'kohya_file={kohya_file!r}: the kohya / ComfyUI LoRA layout is for SD1/SD2/SDXL UNet models; this '
+            f'{type(model.pipeline()).__name__} adapts {", ".join(unsupported)}, which it has no keys for. Export '
+            f'the diffusers file alone (kohya_file=None, or no --kohya), which load_lora_weights reads.'
+        )
     if model_card:
         check_provenance(card_kwargs.get('provenance'), card_kwargs.get('data_fingerprint'),
                          card_kwargs.get('force_provenance', False))  # fmt: skip
@@ -205,10 +219,14 @@ def export_lora(
     for attribute in adapter.adapted:
         module = getattr(model, attribute)
         weights = _peft_weights(module)
-        layers[f'{attribute}_lora_layers'] = convert_state_dict_to_diffusers(dict(weights))
+        # The UNet and CLIP layers in diffusers' own LoRA names; SD3's transformer keeps peft's (lora_A / lora_B),
+        # which is what its loader takes: the converter renames only some of its layers (to_q.lora.down but
+        # add_q_proj.lora_A), and diffusers would then skip the renamed ones with a warning.
+        diffusers_names = attribute != 'transformer'
+        layers[f'{attribute}_lora_layers'] = (
+            convert_state_dict_to_diffusers(dict(weights)) if diffusers_names else weights
+        )
         metadata[f'{attribute}_lora_adapter_metadata'] = module.peft_config[ADAPTER_NAME].to_dict()
-        if attribute not in KOHYA_PREFIXES and kohya_file:
-            raise ValueError(f'The kohya layout has no prefix for {attribute}; export with kohya_file=None.')
         if kohya_file:
             prefix = KOHYA_PREFIXES[attribute]
             if attribute == 'text_encoder' and getattr(model, 'text_encoder_2', None) is not None:
@@ -224,6 +242,12 @@ def export_lora(
     base_name = config.model.get('name') if config is not None else type(model).__name__
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     digest = base_digest(model, exclude=trainable)
+    # The base beside diffusers' own metadata, so that diffusion.inference.lora_files.load_lora refuses another base
+    # (diffusers reads only its lora_adapter_metadata key and ignores these).
+    with safe_open(written['lora'], 'pt') as f:
+        saved_metadata = f.metadata() or {}
+    base_metadata = {'base_model': str(base_path or base_name), 'base_sha256': digest}
+    save_file(load_file(written['lora']), written['lora'], metadata={**saved_metadata, **base_metadata})
     if kohya_file:
         path = os.path.join(out_dir, kohya_file)
         info = {'ss_network_dim': str(adapter.rank), 'ss_network_alpha': str(adapter.alpha),
@@ -264,13 +288,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--attribution-url', help='Public URL of the attribution manifest, linked in the card.')
     parser.add_argument('--name', help='Model name in the card (default: the run name).')
     parser.add_argument('--dtype', choices=list(DTYPES), default='fp32')
+    adapter = parser.add_mutually_exclusive_group()
+    adapter.add_argument(
+        '--lora',
+        action='store_true',
+        help=f'Write the LoRA adapter alone ({LORA_WEIGHTS} for diffusers load_lora_weights, and the model card) '
+        'instead of a pipeline; the checkpoint must hold one lora adapter.',
+    )
+    adapter.add_argument(
+        '--fused',
+        action='store_true',
+        help='Write the pipeline with the adapters merged into the base weights (what a plain export of an adapter '
+        'checkpoint does), and refuse a checkpoint that has no adapters.',
+    )
+    parser.add_argument(
+        '--kohya',
+        metavar='NAME',
+        help='With --lora: also write the adapter in the kohya / ComfyUI layout as this file in --out (SD1/SD2/SDXL).',
+    )
     parser.add_argument('--device', default='cpu')
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, str]:
     """Command line; see ``--help``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.kohya and not args.lora:
+        parser.error('--kohya writes the LoRA adapter in the kohya layout: add --lora')
+    if args.lora and (args.single_file or args.dtype != 'fp32'):
+        parser.error('--lora writes the adapter alone, in fp32: --single-file and --dtype apply to pipeline exports')
+    if args.kohya and os.path.dirname(args.kohya):
+        parser.error(f'--kohya {args.kohya}: give a file name, written in --out')
     if args.provenance is not None and not os.path.isfile(args.provenance):
         raise SystemExit(f'error: --provenance {args.provenance} does not exist')
     try:  # before the model loads, which takes minutes for SD2
@@ -281,21 +330,37 @@ def main(argv: Optional[list[str]] = None) -> dict[str, str]:
         raise SystemExit(f'error: {error}') from None
     loaded = load_checkpoint(args.checkpoint, args.config, use_ema=not args.no_ema, device=args.device)
     print(f'Loaded {loaded.describe()}')
-    try:
-        written = export_model(
-            loaded.model,
-            args.out,
-            dtype=args.dtype,
-            single_file=args.single_file,
-            config=loaded.config,
-            provenance=args.provenance,
-            data_fingerprint=loaded.data_fingerprint,
-            force_provenance=args.force_provenance,
-            attribution_url=args.attribution_url,
-            weights=loaded.weights,
-            batch=loaded.batch,
-            name=args.name,
+    adapters = [getattr(a, 'name', '') or type(a).__name__ for a in getattr(loaded.model, 'adapters', None) or []]
+    if args.fused and not adapters:
+        raise SystemExit(
+            f'error: --fused: {args.checkpoint} has no adapters to merge (its model.adapters is empty); export it '
+            'without --fused.'
         )
+    card_kwargs = dict(
+        config=loaded.config,
+        provenance=args.provenance,
+        data_fingerprint=loaded.data_fingerprint,
+        force_provenance=args.force_provenance,
+        attribution_url=args.attribution_url,
+        weights=loaded.weights,
+        batch=loaded.batch,
+        name=args.name,
+    )
+    if args.lora:
+        if adapters != ['lora']:
+            raise SystemExit(
+                f'error: --lora: {args.checkpoint} needs one lora adapter (model.adapters: {{lora: ...}}); it has '
+                f'{adapters or "none"}.'
+            )
+        try:
+            written = export_lora(loaded.model, args.out, kohya_file=args.kohya, **card_kwargs)
+        except (ProvenanceMismatchError, ValueError) as error:
+            raise SystemExit(f'error: {error}') from None
+        for what, path in written.items():
+            print(f'{what}: {path}')
+        return written
+    try:
+        written = export_model(loaded.model, args.out, dtype=args.dtype, single_file=args.single_file, **card_kwargs)
     except ProvenanceMismatchError as error:
         raise SystemExit(f'error: {error}') from None
     for what, path in written.items():

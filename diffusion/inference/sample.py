@@ -34,6 +34,7 @@ __all__ = ['CONTACT_SHEET', 'SAMPLES_FILE', 'image_filename', 'main', 'sample_to
 
 # Settings that decide an image's pixels besides its prompt and seed: a row that differs in one is redone.
 _SETTINGS = (
+    'lora',
     'prompt',
     'negative_prompt',
     'guidance_scale',
@@ -107,6 +108,7 @@ def sample_to_folder(
     progress: bool = True,
     seed_per_prompt: bool = False,
     conditioning: Optional[dict[str, Sequence[int]]] = None,
+    lora: Optional[str] = None,
 ) -> list[dict]:
     """Draw one image per (prompt, seed) into ``out_dir``; resumable.
 
@@ -131,6 +133,8 @@ def sample_to_folder(
         conditioning (dict, optional): SDXL's micro-conditioning for every image, any of ``original_size``,
             ``crops_coords_top_left`` and ``target_size`` (each ``(height, width)`` / ``(top, left)``); sizes
             default to the image size. Recorded in each row as ``conditioning``. Default: ``None``.
+        lora (str, optional): The LoRA file already loaded onto ``model`` (:func:`~diffusion.inference.lora_files.
+            load_lora`), recorded in each row as ``lora`` so that a rerun with another adapter draws again.
 
     Returns:
         list[dict]: One row per image, in (prompt, seed) order, as written to ``samples.jsonl``: ``file``,
@@ -164,6 +168,7 @@ def sample_to_folder(
                     'height': height,
                     'width': width,
                     **({'conditioning': conditioning} if conditioning else {}),
+                    **({'lora': lora} if lora else {}),
                 }
             )
 
@@ -322,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--no-ema', action='store_true', help='Use the training weights even if EMA weights exist.')
     parser.add_argument('--no-contact-sheet', action='store_true')
+    parser.add_argument(
+        '--lora',
+        metavar='PATH',
+        help='Load this LoRA file (or folder with pytorch_lora_weights.safetensors; diffusers or kohya layout) onto '
+        'the model first; a file for another base or with keys that match no layer is refused.',
+    )
     return parser
 
 
@@ -336,6 +347,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         raise SystemExit(f'error: {error}') from None
     loaded = load_checkpoint(args.checkpoint, args.config, use_ema=not args.no_ema, device=args.device)
     print(f'Loaded {loaded.describe()}')
+    lora = None
+    if args.lora:
+        from diffusion.inference.lora_files import LoraFileError, load_lora
+
+        try:
+            lora = load_lora(loaded.model, args.lora)['file']
+        except LoraFileError as error:
+            raise SystemExit(f'error: --lora {error}') from None
+        print(f'LoRA: {lora}')
     conditioning = _conditioning(args, loaded.model)
     rows = sample_to_folder(
         loaded.model,
@@ -352,6 +372,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         negative_prompt=args.negative_prompt,
         contact_sheet=not args.no_contact_sheet,
         conditioning=conditioning,
+        lora=lora,
     )
     print(f'{len(rows)} images ({len(prompts)} prompts x {len(seeds)} seeds) in {args.out}')
     return rows

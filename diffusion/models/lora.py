@@ -96,6 +96,33 @@ def base_digest(model: nn.Module, exclude: Iterable[str] = ()) -> str:
     return digest.hexdigest()
 
 
+def _adaptable(module: nn.Module) -> list[str]:
+    """Names of the layers of ``module`` that peft's LoRA adapts (``nn.Linear``, ``nn.Conv2d``)."""
+    return [name for name, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and name]
+
+
+def _check_targets(targets: Sequence[str], modules: dict[str, nn.Module], where: str, each: bool = True) -> None:
+    """Refuse, before anything changes, a target that names no adaptable layer (in each module, or in any of them
+    when ``each`` is false), naming the key and the accepted names (the layers' last name parts)."""
+    layers = {owner: _adaptable(module) for owner, module in modules.items()}
+    for target in targets:
+        found = {owner: any(n == target or n.endswith('.' + target) for n in names) for owner, names in layers.items()}
+        if (all if each else any)(found.values()):
+            continue
+        owners = [owner for owner, hit in found.items() if not hit] if each else list(layers)
+        accepted = sorted({_short(n) for owner in owners for n in layers[owner]})
+        raise ValueError(
+            f'{where}: {target!r} names no Linear or Conv2d layer of {", ".join(owners)}; accepted: '
+            f'{", ".join(accepted)} (or a longer dotted path ending in one).'
+        )
+
+
+def _short(name: str) -> str:
+    """A layer's last name part, with its parent for a numbered one (``to_out.0``, not ``0``)."""
+    parts = name.split('.')
+    return '.'.join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
 class LoRA(Adapter):
     """Low-rank adapters (see the module docstring); registered as the ``lora`` adapter.
 
@@ -122,8 +149,8 @@ class LoRA(Adapter):
         text_encoder: bool = False,
         text_encoder_target_modules: Optional[Sequence[str]] = None,
     ):
-        if int(rank) < 1:
-            raise ValueError(f'model.adapters.lora.rank must be a positive integer; got {rank}.')
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f'model.adapters.lora.rank must be a positive integer; got {rank!r}.')
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f'model.adapters.lora.dropout must be in [0, 1); got {dropout}.')
         self.rank = int(rank)
@@ -153,9 +180,14 @@ class LoRA(Adapter):
 
     def apply(self, model: Any) -> None:
         """Freeze every weight of ``model`` and add trainable LoRA layers to the denoiser (and text encoders)."""
-        model.requires_grad_(False)
         attribute = model.denoiser.attribute
         network = getattr(model, attribute)
+        _check_targets(self.denoiser_targets(model), {attribute: network}, 'model.adapters.lora.target_modules')
+        if self.text_encoder:
+            encoders = {n: e for n, e in model.conditioner.components().items() if isinstance(e, nn.Module)}
+            where = 'model.adapters.lora.text_encoder_target_modules'
+            _check_targets(self.text_encoder_target_modules, encoders, where, each=False)
+        model.requires_grad_(False)
         network.add_adapter(self._config(self.denoiser_targets(model)), adapter_name=ADAPTER_NAME)
         self.adapted = [attribute]
         if self.text_encoder:

@@ -30,7 +30,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 from diffusion.models.noise import INFERENCE_SCHEDULERS
-from diffusion.models.objectives import NoisedBatch, Objective
+from diffusion.models.objectives import NoisedBatch, Objective, check_input_perturbation, perturbed
 from diffusion.utils import ConfigError
 
 __all__ = ['FLOW_SCHEDULERS', 'LOSS_WEIGHTINGS', 'TIMESTEP_SAMPLINGS', 'RectifiedFlowObjective', 'shift_sigmas']
@@ -72,6 +72,9 @@ class RectifiedFlowObjective(Objective):
         loss_weighting (str, optional): ``'sigma_sqrt'`` or ``'cosmap'``; ``None`` for uniform weights.
         num_train_timesteps (int): The denoiser's timestep is ``t * num_train_timesteps``. Default: ``1000``.
         val_timesteps (int): Number of fixed, evenly spaced times of the validation loss. Default: ``8``.
+        input_perturbation (float): In training, ``x_t`` is built from ``noise + gamma * fresh_noise`` while the
+            velocity target stays ``noise - x_0`` (see :class:`~diffusion.models.objectives.DDPMObjective`); ``0`` is
+            off. Default: ``0.0``.
         inference_scheduler (str): Default sampler: ``'flow_euler'`` or ``'flow_heun'``. Default: ``'flow_euler'``.
     """
 
@@ -88,8 +91,10 @@ class RectifiedFlowObjective(Objective):
         loss_weighting: Optional[str] = None,
         num_train_timesteps: int = 1000,
         val_timesteps: int = 8,
+        input_perturbation: float = 0.0,
         inference_scheduler: str = 'flow_euler',
     ):
+        check_input_perturbation(input_perturbation)
         _check_choice('timestep_sampling', timestep_sampling, TIMESTEP_SAMPLINGS)
         _check_choice('loss_weighting', loss_weighting, LOSS_WEIGHTINGS, allow_none=True)
         if inference_scheduler in INFERENCE_SCHEDULERS and inference_scheduler not in FLOW_SCHEDULERS:
@@ -111,6 +116,7 @@ class RectifiedFlowObjective(Objective):
         self.shift = float(shift)
         self.loss_weighting = loss_weighting
         self.num_train_timesteps = num_train_timesteps
+        self.input_perturbation = float(input_perturbation)
         self.default_scheduler = inference_scheduler
         # Midpoints of val_timesteps equal bins of [0, 1], unshifted; kept as floats, on the CPU even while a model
         # is built on the meta device.
@@ -143,7 +149,9 @@ class RectifiedFlowObjective(Objective):
         if noise is None:
             noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         sigmas = self.sigmas(timesteps).to(latents.device).view(-1, *([1] * (latents.ndim - 1)))
-        noisy = (1.0 - sigmas) * latents + sigmas * noise
+        # Training only (validation passes a generator): the input gets the perturbed noise, the target keeps noise.
+        noisy_with = perturbed(noise, self.input_perturbation) if generator is None else noise
+        noisy = (1.0 - sigmas) * latents + sigmas * noisy_with
         return NoisedBatch(noisy.to(latents.dtype), timesteps, (noise - latents).to(latents.dtype))
 
     def loss_weights(self, timesteps: torch.Tensor) -> Optional[torch.Tensor]:
@@ -178,4 +186,5 @@ class RectifiedFlowObjective(Objective):
             'shift': self.shift,
             'loss_weighting': self.loss_weighting,
             'num_train_timesteps': self.num_train_timesteps,
+            'input_perturbation': self.input_perturbation,
         }

@@ -190,3 +190,33 @@ def test_a_lora_checkpoint_holds_the_adapter_and_the_base_reference_and_refuses_
     with pytest.raises(BaseMismatchError, match=rf'trained on the base .*{record["sha256"]}.*this model.s base is'):
         lora_run(synthetic_dataset, str(tmp_path / 'other'), 'max_duration=3ba', 'seed=18', f'load_path={path}',
                  'load_trusted=true')  # fmt: skip
+
+
+def test_lora_on_the_mmdit_trains_only_its_adapter_from_the_yaml_switch(synthetic_dataset, tmp_path):
+    from diffusion.config import load_config
+    from tests.models.test_mmdit import MMDIT_YAML, TEST_SD3_VAE_OVERRIDE
+
+    cfg = load_config(MMDIT_YAML, [TEST_SD3_VAE_OVERRIDE, 'model.max_length=8', LORA, 'optimizer.lr=1e-2',
+                                   f'train_dataloader.remote={synthetic_dataset}', 'train_dataloader.resolution=16',
+                                   'train_dataloader.batch_size=4', f'run_folder={tmp_path}', 'save_folder=null',
+                                   'max_duration=2ba', 'progress_bar=false'])  # fmt: skip
+    trainer = build_trainer(cfg)
+    model = trainer.state.model
+    layers = [name for name, m in model.transformer.named_modules() if hasattr(m, 'lora_A')]
+    # The joint attention's image and text projections are adapted (the last block has no text output layer).
+    assert {name.split('.attn.', 1)[-1] for name in layers} == {
+        'to_q', 'to_k', 'to_v', 'to_out.0', 'add_q_proj', 'add_k_proj', 'add_v_proj', 'to_add_out'
+    }  # fmt: skip
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert len(trainable) == 2 * len(layers) and all(
+        is_lora_name(n) and n.startswith('transformer.') for n in trainable
+    )
+    before = state_of(trainer)
+    trainer.fit()
+    after = state_of(trainer)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # Every B moves but the last block's text query: that block discards its text stream (context_pre_only), so the
+    # query gets no gradient and its B stays at zero.
+    last = f'transformer.transformer_blocks.{len(model.transformer.transformer_blocks) - 1}.attn.add_q_proj.'
+    assert {k for k in before if 'lora_B' in k and not k.startswith(last)} <= changed
+    assert changed and all(is_lora_name(k) for k in changed)
