@@ -41,7 +41,17 @@ from diffusion.inference.export import LORA_WEIGHTS
 from diffusion.inference.loading import LoadedModel, is_diffusers_folder, load_checkpoint
 from diffusion.inference.sample import to_uint8
 
-__all__ = ['APP_ADAPTER', 'MAX_IMAGES', 'Playground', 'build_app', 'load_lora_file', 'main', 'size_multiple']
+__all__ = [
+    'APP_ADAPTER',
+    'MAX_IMAGES',
+    'Playground',
+    'build_app',
+    'load',
+    'load_lora_file',
+    'main',
+    'serve',
+    'size_multiple',
+]
 
 #: peft's adapter name for a LoRA file the app adds (a LoRA run's own adapter keeps its name, ``default``).
 APP_ADAPTER = 'app_lora'
@@ -74,6 +84,8 @@ def load_lora_file(model: Any, path: str) -> str:
         path (str): A folder holding ``pytorch_lora_weights.safetensors`` (an ``export_lora`` folder), or a
             ``.safetensors`` LoRA file (diffusers or kohya / ComfyUI layout).
     """
+    if _lora_layers(model):
+        raise ValueError(f'--lora {path}: the model already carries a LoRA (its run trained one); give one of the two.')
     if os.path.isdir(path):
         folder, weight_name = path, LORA_WEIGHTS
         if not os.path.isfile(os.path.join(folder, weight_name)):
@@ -86,8 +98,6 @@ def load_lora_file(model: Any, path: str) -> str:
         folder, weight_name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     else:
         raise FileNotFoundError(f'--lora {path}: no such file or folder.')
-    if _lora_layers(model):
-        raise ValueError(f'--lora {path}: the model already carries a LoRA (its run trained one); give one of the two.')
     pipe = model.pipeline()
     if not hasattr(pipe, 'load_lora_weights'):
         raise ValueError(f'--lora {path}: {type(pipe).__name__} cannot load LoRA weights.')
@@ -181,7 +191,10 @@ class Playground:
             raise ValueError(
                 f'scheduler {scheduler!r}: not a sampler of this model; one of {", ".join(self.schedulers)}.'
             )
-        sizes = {'width': width or self.default_size, 'height': height or self.default_size}
+        sizes = {
+            name: self.default_size if value is None else value
+            for name, value in (('width', width), ('height', height))
+        }
         for name, value in sizes.items():
             if value != int(value) or int(value) < 1 or int(value) % self.multiple:
                 lower = max(self.multiple, int(value) // self.multiple * self.multiple)
@@ -347,16 +360,24 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f'error: {error}') from None
     print(f'Loaded {playground.description}' + (f'; LoRA {playground.lora_source}' if playground.has_lora else ''))
+    serve(playground, args.host, args.port)
+
+
+def serve(playground: Playground, host: str = '127.0.0.1', port: int = 7860, block: bool = True) -> Any:
+    """Serve the page of ``playground`` on ``host:port`` (port 0: a free one) and print its address; with ``block``
+    until interrupted, else return the running ``gradio.Blocks`` (``close()`` stops it)."""
     app = build_app(playground)
-    port = args.port or _free_port(args.host)
     app.queue(default_concurrency_limit=1)
-    app.launch(server_name=args.host, server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False,
-               show_error=True, theme=_theme())  # fmt: skip
+    app.launch(server_name=host, server_port=port or _free_port(host), prevent_thread_lock=True, quiet=True,
+               ssr_mode=False, show_error=True, theme=_theme())  # fmt: skip
     print(f'Serving on {app.local_url}', flush=True)
+    if not block:
+        return app
     try:
         app.block_thread()
     finally:
         app.close()
+    return app
 
 
 def _theme() -> Any:
