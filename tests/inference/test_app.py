@@ -239,6 +239,9 @@ def test_generate_through_the_page_in_a_browser(exports, tmp_path, monkeypatch, 
         driver.find_element(By.CSS_SELECTOR, '#lora input[type=checkbox]').click()  # on again, at 0.5
         fill(driver, 'lora-scale', 0.5)
         half = generate_in_page(driver, 'seed 3, 3 steps, ddim, guidance 7.5, LoRA 0.5')
+        # A local app: the page fetched nothing (fonts, scripts) from anywhere but the app's own server.
+        fetched = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert fetched and [name for name in fetched if not name.startswith(('data:', url))] == []
     finally:
         if driver is not None:
             driver.quit()
