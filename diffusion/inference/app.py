@@ -101,7 +101,12 @@ def load_lora_file(model: Any, path: str) -> str:
     pipe = model.pipeline()
     if not hasattr(pipe, 'load_lora_weights'):
         raise ValueError(f'--lora {path}: {type(pipe).__name__} cannot load LoRA weights.')
-    pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name=APP_ADAPTER, use_safetensors=True)
+    try:
+        pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name=APP_ADAPTER, use_safetensors=True)
+    except (RuntimeError, ValueError, KeyError) as error:  # torch lists every mismatched tensor: name the first
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        detail = next((line for line in lines if line.startswith('size mismatch')), lines[0])
+        raise ValueError(f'--lora {path}: does not fit this model; a LoRA of another base? ({detail})') from None
     if not _lora_layers(model):
         raise ValueError(f'--lora {path}: no weight of the file fits a layer of the model; is it for another base?')
     model.eval()  # the new layers (dropout) were made in training mode
