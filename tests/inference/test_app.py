@@ -111,6 +111,36 @@ def test_the_app_draws_what_generate_draws_and_the_lora_switch_and_scale_act_as_
         assert np.array_equal(np.asarray(image), expected), i
 
 
+def test_an_sd3_lora_export_loads_whole_and_its_sides_are_multiples_of_the_patch(tmp_path):
+    # SD3's LoRA file mixes the projections diffusers renames (to_q) with those it does not (add_q_proj): exported
+    # under peft's names, every layer loads, so the app draws the adapted model's images.
+    from tests.models.test_mmdit import build_tiny_sd3
+
+    torch.manual_seed(0)
+    base = build_tiny_sd3().eval()
+    torch.manual_seed(0)
+    adapted = build_tiny_sd3()
+    adapter = LoRA(rank=2, alpha=4)
+    adapter.apply(adapted)
+    adapted.adapters.append(adapter)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if 'lora_B' in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
+    adapted.eval()
+    export_model(base, str(tmp_path / 'base'), model_card=False)
+    export_lora(adapted, str(tmp_path / 'lora'), kohya_file=None, model_card=False)
+    playground = app.load(pipeline=str(tmp_path / 'base'), lora=str(tmp_path / 'lora'))
+    assert playground.multiple == 4 and playground.schedulers == ['flow_euler', 'flow_heun']
+    settings = dict(seed=1, steps=2, width=32, height=16)
+    on = np.asarray(playground.generate(PROMPT, **settings)[0])
+    off = np.asarray(playground.generate(PROMPT, lora=False, **settings)[0])
+    assert np.array_equal(on, draw(adapted, seed=1, steps=2, width=32, height=16))
+    assert np.array_equal(off, draw(base, seed=1, steps=2, width=32, height=16))
+    with pytest.raises(ValueError, match='width 18: must be a positive multiple of 4 for this model, e.g. 16 or 20'):
+        playground.generate(PROMPT, width=18)
+
+
 def test_loading_refuses_what_it_cannot_trust_or_read(exports, tmp_path):
     from tests.test_checkpointing import plant_with_manifest
 
