@@ -115,7 +115,7 @@ def load_lora_file(model: Any, path: str) -> str:
 
 @dataclass
 class Request:
-    """The settings of one request; see :meth:`Playground.generate`."""
+    """The settings of one request, checked; see :meth:`Playground.request`."""
 
     prompt: str
     negative_prompt: Optional[str]
@@ -273,26 +273,27 @@ def build_app(playground: Playground) -> Any:
 
     multiple = playground.multiple
     with gr.Blocks(title='Try a model', analytics_enabled=False) as app:
-        gr.Markdown(f'### Try a model\n{playground.description}', elem_id='model')
+        lora_line = f'\n\nLoRA: {playground.lora_source}' if playground.has_lora else ''
+        gr.Markdown(f'### Try a model\n{playground.description}{lora_line}', elem_id='model')
         with gr.Row():
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label='Prompt', lines=2, elem_id='prompt')
                 negative = gr.Textbox(label='Negative prompt (optional)', elem_id='negative-prompt')
                 with gr.Row():
                     seed = gr.Number(label='Seed', value=0, precision=0, minimum=0, elem_id='seed')
-                    count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label='Images (seeds seed, seed+1, ...)',
+                    count = gr.Slider(1, MAX_IMAGES, value=1, step=1, label='Images', info='seeds seed, seed + 1, ...',
                                       elem_id='num-images')  # fmt: skip
                 with gr.Row():
                     steps = gr.Slider(1, 150, value=30, step=1, label='Steps', elem_id='steps')
                     guidance = gr.Slider(0, 20, value=7.5, step=0.1, label='Guidance scale', elem_id='guidance')
-                scheduler = gr.Dropdown(playground.schedulers, value=playground.default_scheduler, label='Sampler',
+                scheduler = gr.Dropdown(playground.schedulers, value=playground.default_scheduler, label='Scheduler',
                                         elem_id='scheduler')  # fmt: skip
                 with gr.Row():
                     size = dict(value=playground.default_size, precision=0, minimum=multiple, step=multiple)
                     width = gr.Number(label=f'Width (a multiple of {multiple})', elem_id='width', **size)
                     height = gr.Number(label=f'Height (a multiple of {multiple})', elem_id='height', **size)
                 with gr.Row(visible=playground.has_lora):
-                    lora = gr.Checkbox(value=True, label=f'LoRA ({playground.lora_source})', elem_id='lora')
+                    lora = gr.Checkbox(value=True, label='LoRA', elem_id='lora')
                     lora_scale = gr.Slider(0, 2, value=1.0, step=0.05, label='LoRA scale', elem_id='lora-scale')
                 button = gr.Button('Generate', variant='primary', elem_id='generate')
             with gr.Column(scale=3):
@@ -301,7 +302,7 @@ def build_app(playground: Playground) -> Any:
         def run(*values: Any) -> list[tuple[Image.Image, str]]:
             names = ('prompt', 'negative_prompt', 'seed', 'steps', 'guidance_scale', 'scheduler', 'width', 'height',
                      'num_images', 'lora', 'lora_scale')  # fmt: skip
-            settings = dict(zip(names, values))
+            settings = {name: value for name, value in zip(names, values) if value is not None}  # empty: default
             try:
                 request = playground.request(**settings)
             except ValueError as error:
@@ -312,6 +313,9 @@ def build_app(playground: Playground) -> Any:
         inputs = [prompt, negative, seed, steps, guidance, scheduler, width, height, count, lora, lora_scale]
         button.click(run, inputs=inputs, outputs=gallery, concurrency_limit=1)
         prompt.submit(run, inputs=inputs, outputs=gallery, concurrency_limit=1)
+        # Load events run once the page has mounted its controls: before that, typed values can be lost. The mark
+        # is what a browser test (tests/inference/test_app.py) waits for before it types.
+        app.load(None, js="() => { document.body.dataset.appReady = 'true'; }")
     return app
 
 

@@ -263,8 +263,9 @@ def test_generate_through_the_page_in_a_browser(exports, tmp_path, monkeypatch, 
         url = re.search(r'Serving on (http://\S+/)', capsys.readouterr().out)[1]
         driver = browser()
         driver.get(url)
-        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.ID, 'generate'))
-        assert 'exported weights from' in driver.find_element(By.ID, 'model').text
+        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, 'body[data-app-ready=true]'))
+        shown = driver.find_element(By.ID, 'model').text
+        assert 'exported weights from' in shown and 'LoRA: ' in shown and 'pytorch_lora_weights.safetensors' in shown
         fill(driver, 'prompt', PROMPT, 'textarea')
         for name in ('seed', 'steps', 'height'):
             fill(driver, name, SETTINGS[name])
