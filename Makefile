@@ -49,11 +49,11 @@ pipeline-example: install
 	$(PY) -m diffusion.pipeline report $(EXAMPLE)/ingested $(EXAMPLE)/filtered $(EXAMPLE)/captioned --out $(EXAMPLE)/report
 	@echo "Report: $(EXAMPLE)/report/provenance.md"
 
-# Debian's chromium and its driver, for the human-study browser test (skipped, with the reason, without them).
+# Debian's chromium and its driver, for the human-study and app browser tests (skipped, with the reason, without them).
 browser:
 	@command -v chromedriver >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; \
-	else echo "chromium/chromedriver missing and not root: the human-study browser test will be skipped"; fi; }
+	else echo "chromium/chromedriver missing and not root: the browser tests will be skipped"; fi; }
 
 test: install browser
 	$(VENV)/bin/pytest -n 2 --dist loadgroup tests

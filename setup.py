@@ -35,6 +35,13 @@ install_requires = [
     'flask>=3.0,<4',
 ]
 
+# The local app to try a model (python -m diffusion.inference.app). gradio 6.17.3 is the newest that co-installs with
+# the pinned stack: 6.18 and later need huggingface-hub>=1.2, which transformers 4.57 refuses (<1.0). It adds about
+# 85 MB (its web front end) and fastapi, starlette, uvicorn, gradio-client, orjson, python-multipart, typer and a few
+# small packages; torch, mosaicml, transformers, diffusers, pydantic and pandas stay as pinned (checked with
+# `pip check`). Optional: nothing else in the package imports it.
+APP = ['gradio==6.17.3']
+
 extras_require = {
     'dev': [
         'pytest>=8',
@@ -45,9 +52,11 @@ extras_require = {
         'tensorboard',
         # sklearn.datasets.load_sample_images: two real CC BY 2.0 photos for the pipeline tests.
         'scikit-learn',
-        # Drives Debian's chromium (chromium-driver) in the human-study browser test; no driver download.
+        # Drives Debian's chromium (chromium-driver) in the human-study and app browser tests; no driver download.
         'selenium>=4,<5',
+        *APP,
     ],
+    'app': APP,
     'xformers': ['xformers==0.0.30'],
     # optimizer.name=adamw_8bit (CUDA only). 0.48.2 is pinned as the release checked to co-install with torch 2.7
     # (it needs torch>=2.3) without moving any other pin here; pip check is clean with it.

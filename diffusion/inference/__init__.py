@@ -1,4 +1,5 @@
-"""Inference: load a checkpoint or exported folder, sample prompt sets to PNGs, export diffusers pipelines.
+"""Inference: load a checkpoint or exported folder, sample prompt sets to PNGs, export diffusers pipelines, try a
+model in a local web app (``python -m diffusion.inference.app``).
 
 ``sample_to_folder`` and ``export_model`` are imported on first use, so that ``python -m diffusion.inference.sample``
 and ``python -m diffusion.inference.export`` run their module once (not also as an attribute of this package).

@@ -174,6 +174,17 @@ def _kohya_weights(module_weights: dict[str, torch.Tensor], prefix: str, alpha: 
     return out
 
 
+def _diffusers_layout(weights: dict[str, torch.Tensor], convert: Any) -> dict[str, torch.Tensor]:
+    """``weights`` (peft's names) in the layout diffusers' ``save_lora_weights`` writes: converted by
+    ``convert_state_dict_to_diffusers`` when it renames every key, else peft's names as they are. The converter renames
+    only the attention projections it knows (``to_q``, ``q_proj``, ...), and a denoiser's loader converts a file back
+    only when its first key is not peft's: a mixed file (SD3's ``add_q_proj`` beside ``to_q``, or a UNet LoRA with
+    other targets) would load with the renamed layers silently left out. peft's names load whole."""
+    converted = convert(dict(weights))
+    mixed = any('.lora_A.' in key or '.lora_B.' in key for key in converted) and set(converted) != set(weights)
+    return dict(weights) if mixed else converted
+
+
 def export_lora(
     model: Any, out_dir: str, *, kohya_file: Optional[str] = 'lora_kohya.safetensors', model_card: bool = True,
     **card_kwargs: Any,
@@ -219,13 +230,7 @@ def export_lora(
     for attribute in adapter.adapted:
         module = getattr(model, attribute)
         weights = _peft_weights(module)
-        # The UNet and CLIP layers in diffusers' own LoRA names; SD3's transformer keeps peft's (lora_A / lora_B),
-        # which is what its loader takes: the converter renames only some of its layers (to_q.lora.down but
-        # add_q_proj.lora_A), and diffusers would then skip the renamed ones with a warning.
-        diffusers_names = attribute != 'transformer'
-        layers[f'{attribute}_lora_layers'] = (
-            convert_state_dict_to_diffusers(dict(weights)) if diffusers_names else weights
-        )
+        layers[f'{attribute}_lora_layers'] = _diffusers_layout(weights, convert_state_dict_to_diffusers)
         metadata[f'{attribute}_lora_adapter_metadata'] = module.peft_config[ADAPTER_NAME].to_dict()
         if kohya_file:
             prefix = KOHYA_PREFIXES[attribute]

@@ -30,7 +30,15 @@ from diffusion.models.noise import INFERENCE_SCHEDULERS
 from diffusion.models.rectified_flow import FLOW_SCHEDULERS
 from diffusion.utils import ConfigError, check_writable_folder
 
-__all__ = ['CONTACT_SHEET', 'SAMPLES_FILE', 'image_filename', 'main', 'sample_to_folder', 'write_contact_sheet']
+__all__ = [
+    'CONTACT_SHEET',
+    'SAMPLES_FILE',
+    'image_filename',
+    'main',
+    'sample_to_folder',
+    'to_uint8',
+    'write_contact_sheet',
+]
 
 # Settings that decide an image's pixels besides its prompt and seed: a row that differs in one is redone.
 _SETTINGS = (
@@ -69,11 +77,15 @@ def _write_rows(path: str, rows: list[dict]) -> None:
     os.replace(tmp, path)  # a kill mid-write keeps the previous ledger
 
 
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """One image (3, H, W) in [0, 1] as an (H, W, 3) uint8 array, rounded as diffusers' ``numpy_to_pil`` rounds."""
+    return (image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
 def _save_png(image: torch.Tensor, path: str) -> None:
-    """Save one image (3, H, W) in [0, 1] as an 8-bit PNG, rounding as diffusers' ``numpy_to_pil`` does."""
-    array = (image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    """Save one image (3, H, W) in [0, 1] as an 8-bit PNG (:func:`to_uint8`)."""
     tmp = f'{path}.tmp.png'
-    Image.fromarray(array).save(tmp)
+    Image.fromarray(to_uint8(image)).save(tmp)
     os.replace(tmp, path)
 
 
