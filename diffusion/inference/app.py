@@ -39,6 +39,7 @@ from PIL import Image
 
 from diffusion.inference.export import LORA_WEIGHTS
 from diffusion.inference.loading import LoadedModel, is_diffusers_folder, load_checkpoint
+from diffusion.inference.lora_files import ADAPTER_NAME, load_lora
 from diffusion.inference.sample import to_uint8
 
 __all__ = [
@@ -54,7 +55,7 @@ __all__ = [
 ]
 
 #: peft's adapter name for a LoRA file the app adds (a LoRA run's own adapter keeps its name, ``default``).
-APP_ADAPTER = 'app_lora'
+APP_ADAPTER = ADAPTER_NAME  # the adapter name of a LoRA file load_lora adds
 #: Images per request at most.
 MAX_IMAGES = 4
 #: Pipelines whose ``check_inputs`` wants sides divisible by 8 whatever the autoencoder's factor (diffusers 0.39);
@@ -76,8 +77,9 @@ def _lora_layers(model: Any) -> list[Any]:
 
 
 def load_lora_file(model: Any, path: str) -> str:
-    """Add the LoRA of ``path`` to ``model``'s networks (diffusers' ``load_lora_weights`` on a pipeline that shares
-    them) under the adapter name :data:`APP_ADAPTER`; returns the file read.
+    """Add the LoRA of ``path`` to ``model``'s networks with :func:`~diffusion.inference.lora_files.load_lora`
+    (diffusers' ``load_lora_weights`` on a pipeline that shares them, the whole file or a one-line refusal) under the
+    adapter name :data:`APP_ADAPTER`; returns the file read.
 
     Args:
         model: A model with ``pipeline()`` and no LoRA yet.
@@ -101,12 +103,9 @@ def load_lora_file(model: Any, path: str) -> str:
     pipe = model.pipeline()
     if not hasattr(pipe, 'load_lora_weights'):
         raise ValueError(f'--lora {path}: {type(pipe).__name__} cannot load LoRA weights.')
-    try:
-        pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name=APP_ADAPTER, use_safetensors=True)
-    except (RuntimeError, ValueError, KeyError) as error:  # torch lists every mismatched tensor: name the first
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-        detail = next((line for line in lines if line.startswith('size mismatch')), lines[0])
-        raise ValueError(f'--lora {path}: does not fit this model; a LoRA of another base? ({detail})') from None
+    # The sampling CLI's loader: the whole file or nothing, refused in one line when it names another base (its
+    # recorded base SHA-256), holds keys that match no layer or weights of other shapes.
+    load_lora(model, folder, weight_name=weight_name)
     if not _lora_layers(model):
         raise ValueError(f'--lora {path}: no weight of the file fits a layer of the model; is it for another base?')
     model.eval()  # the new layers (dropout) were made in training mode
