@@ -3,10 +3,12 @@
 A stage describes its work once, as a :class:`UnitWork` (an optional CPU ``decode`` of a unit and a ``build``
 that returns the per-unit function, building any model once per process), and as plain tasks for its global
 passes (the filter stage's partitions). The ranks engine runs unit ``u`` on rank ``u % N``; the Ray engine
-builds on Ray Data: ``ray.data.from_items`` of the unit indexes, ``Dataset.map_batches`` as CPU tasks for the
-decode (so a model never waits for JPEG decoding) and ``map_batches`` with an ``ActorPoolStrategy`` of
-``workers`` actors (``num_gpus`` each, ``max_restarts`` / ``max_task_retries`` so a killed actor is restarted and its
-unit redone) for the per-unit function, which writes the unit's shards exactly as the ranks engine does.
+builds on Ray Data: ``ray.data.from_items`` of the unit indexes, then for a stage with a model (caption,
+precompute) ``Dataset.map_batches`` as CPU tasks for the decode (so a model never waits for JPEG decoding) feeding
+``map_batches`` with an ``ActorPoolStrategy`` of ``workers`` actors (``num_gpus`` each, ``max_restarts`` /
+``max_task_retries`` so a killed actor is restarted and its unit redone), and for a CPU-only stage (ingest,
+filter) ``map_batches`` tasks (``max_retries``: a task whose worker died runs again). Either way the per-unit
+function writes the unit's shards exactly as the ranks engine does; a redone unit starts from an empty folder.
 
 ``DIFFUSION_PIPELINE_FAULT_ONCE=<file>`` is fault injection for tests: the first unit processed after the file is
 found missing creates it and ends its worker process with ``os._exit`` after one sample, leaving a half-written unit.
@@ -25,6 +27,12 @@ ENGINES = ('ranks', 'ray')
 FAULT_ENV = 'DIFFUSION_PIPELINE_FAULT_ONCE'
 # Attempts of a task (or of a unit on a restarted actor) before the stage fails.
 MAX_RETRIES = 3
+# CPUs asked by a decode task and by a model actor without GPUs: half a core each, so that actors on every core
+# of a CPU-only cluster still leave room for the decode tasks that feed them (whole cores would deadlock).
+CPU_SHARE = 0.5
+# Variables of the driver that its Ray workers need too: object-store endpoints and credentials, hub settings,
+# the fault injection, the import path.
+FORWARDED_ENV = ('AWS_', 'S3_', 'GCS_', 'GOOGLE_', 'OCI_', 'AZURE_', 'HF_', 'DIFFUSION_', 'PYTHONPATH')
 
 
 @dataclass
@@ -57,6 +65,10 @@ def ensure_ray(address: Optional[str] = None) -> Any:
     return ray
 
 
+def _runtime_env() -> dict[str, Any]:
+    return {'env_vars': {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}}
+
+
 def inject_fault(marker: Optional[str], samples: Iterable[Any]) -> Iterable[Any]:
     """Pass ``samples`` through; when ``marker`` names a missing file, create it and die after the first sample."""
     if not marker or os.path.exists(marker):
@@ -67,6 +79,18 @@ def inject_fault(marker: Optional[str], samples: Iterable[Any]) -> Iterable[Any]
         with open(marker, 'w') as f:
             f.write(str(os.getpid()))
         os._exit(17)
+
+
+def _unit_task(batch: dict[str, Any], payload: bytes) -> dict[str, Any]:
+    """A Ray Data task of a CPU-only stage: one unit per batch, its function built in the task."""
+    import cloudpickle
+
+    runner, work, fault = cloudpickle.loads(payload)
+    process = work.build()
+    units = [int(u) for u in batch['unit']]
+    for unit in units:
+        runner._run_unit(unit, lambda u: inject_fault(fault, process(u, None)))
+    return {'unit': units}
 
 
 class _UnitActor:
@@ -105,21 +129,38 @@ def ray_run_units(
     dataset = ray.data.from_items([{'unit': u} for u in units], override_num_blocks=len(units))
     if work.decode is not None:
         dataset = dataset.map_batches(
-            _decode_batch, fn_kwargs={'decode': work.decode}, batch_size=1, num_cpus=1, max_retries=MAX_RETRIES
+            _decode_batch,
+            fn_kwargs={'decode': work.decode},
+            batch_size=1,
+            num_cpus=CPU_SHARE,
+            max_retries=MAX_RETRIES,
+            runtime_env=_runtime_env(),
         )
     payload = cloudpickle.dumps((runner, work, os.environ.get(FAULT_ENV)))
-    size = workers or max(1, int(ray.available_resources().get('GPU' if work.num_gpus else 'CPU', 1) // max(
-        work.num_gpus, 1)))  # fmt: skip
-    dataset = dataset.map_batches(
-        _UnitActor,
-        fn_constructor_args=(payload,),
-        compute=ActorPoolStrategy(size=size),
-        batch_size=1,
-        num_cpus=0 if work.num_gpus else 1,
-        num_gpus=work.num_gpus or None,
-        max_restarts=-1,
-        max_task_retries=MAX_RETRIES,
-    )
+    if work.decode is None and not work.num_gpus:
+        dataset = dataset.map_batches(
+            _unit_task,
+            fn_kwargs={'payload': payload},
+            batch_size=1,
+            num_cpus=1,
+            concurrency=workers,
+            max_retries=MAX_RETRIES,
+            runtime_env=_runtime_env(),
+        )
+    else:
+        resource = 'GPU' if work.num_gpus else 'CPU'
+        size = workers or max(1, int(ray.available_resources().get(resource, 1) // max(work.num_gpus, 1)))
+        dataset = dataset.map_batches(
+            _UnitActor,
+            fn_constructor_args=(payload,),
+            compute=ActorPoolStrategy(size=size),
+            batch_size=1,
+            num_cpus=1 if work.num_gpus else CPU_SHARE,
+            num_gpus=work.num_gpus or None,
+            max_restarts=-1,
+            max_task_retries=MAX_RETRIES,
+            runtime_env=_runtime_env(),
+        )
     done = sorted(int(row['unit']) for row in dataset.take_all())
     if done != sorted(units):
         raise RuntimeError(f'Ray finished units {done[:10]}..., expected {len(units)} units.')
@@ -149,6 +190,7 @@ def ray_map_tasks(
         num_cpus=1,
         concurrency=workers,
         max_retries=MAX_RETRIES,
+        runtime_env=_runtime_env(),
     )
     done = sorted(int(row['index']) for row in dataset.take_all())
     if done != list(range(len(items))):
