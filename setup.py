@@ -42,8 +42,15 @@ install_requires = [
 # `pip check`). Optional: nothing else in the package imports it.
 APP = ['gradio==6.17.3']
 
+# The data pipeline's `--engine ray` (diffusion.pipeline.engines): Ray Data's map_batches / ActorPoolStrategy.
+# ray[data] 2.60.0 is the newest on PyPI and co-installs with the pinned stack: installed into it, it added only
+# msgpack and pandas, `pip check` found no broken requirement and torch 2.7.0 / mosaicml 0.32.1 did not move.
+RAY = ['ray[data]==2.60.0']
+
 extras_require = {
+    'ray': RAY,
     'dev': [
+        *RAY,
         'pytest>=8',
         'pytest-xdist>=3.5',
         'ruff>=0.6',

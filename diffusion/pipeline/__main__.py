@@ -3,7 +3,8 @@
 Stages: ``ingest`` (raw inputs -> MDS), ``filter``, ``caption``, ``report``, and ``precompute`` (image-caption
 shards -> latent shards for training without the encoders). Every stage but ``report`` runs on
 any number of ranks under the composer launcher or torchrun, e.g.
-``composer -n 8 -m diffusion.pipeline caption --input s3://bucket/filtered --out s3://bucket/captioned``.
+``composer -n 8 -m diffusion.pipeline caption --input s3://bucket/filtered --out s3://bucket/captioned``,
+or on a Ray cluster with ``--engine ray [--address auto] [--workers N] [--num-gpus G]``; the output is the same.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from typing import Optional, Sequence
 
 from diffusion.data.licenses import LICENSE_PRESETS
+from diffusion.pipeline.engines import ENGINES
 from diffusion.pipeline.filtering import FilterOptions, filter_dataset
 from diffusion.pipeline.ingest import IngestOptions, ingest
 from diffusion.pipeline.report import report_outputs
@@ -27,6 +29,11 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--compression', default=None, help='MDS shard compression, e.g. zstd. Default: none.')
     parser.add_argument('--size-limit', default='64mb', help='MDS shard size limit. Default: 64mb.')
     parser.add_argument('--no-progress', action='store_true', help='Hide the progress bars.')
+    parser.add_argument(
+        '--engine', choices=ENGINES, default='ranks', help='ranks (this process is a launcher rank) or ray.'
+    )
+    parser.add_argument('--address', default=None, help='Ray cluster address (auto: the running one). Default: local.')
+    parser.add_argument('--workers', type=int, default=None, help='Ray actors/tasks at once. Default: one per CPU/GPU.')
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -68,6 +75,7 @@ def _build_parser() -> argparse.ArgumentParser:
     caption_parser.add_argument('--max-new-tokens', type=int, default=30)
     caption_parser.add_argument('--num-beams', type=int, default=1, help='1 is greedy decoding.')
     caption_parser.add_argument('--dtype', default=None, help='float32, float16 or bfloat16 (default by device).')
+    caption_parser.add_argument('--num-gpus', type=float, default=None, help='GPUs per Ray actor (1 if any).')
     _add_output_arguments(caption_parser)
 
     precompute_parser = stages.add_parser('precompute', help='Encode images and captions once: latent shards.')
@@ -83,6 +91,7 @@ def _build_parser() -> argparse.ArgumentParser:
     precompute_parser.add_argument('--caption-column', default='caption')
     precompute_parser.add_argument('--batch-size', type=int, default=32)
     precompute_parser.add_argument('--seed', type=int, default=0, help='Seed of the draws with --store sample.')
+    precompute_parser.add_argument('--num-gpus', type=float, default=None, help='GPUs per Ray actor (1 if any).')
     _add_output_arguments(precompute_parser)
 
     report_parser = stages.add_parser('report', help='Provenance report of stage outputs, in pipeline order.')
@@ -98,6 +107,9 @@ def _runner_kwargs(args: argparse.Namespace) -> dict:
         compression=args.compression,
         size_limit=args.size_limit,
         progress=not args.no_progress,
+        engine=args.engine,
+        address=args.address,
+        workers=args.workers,
     )
 
 
@@ -164,7 +176,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             seed=args.seed,
         )
         runner = precompute_latents(
-            args.input, args.out, config=args.config, overrides=args.override, options=options, **_runner_kwargs(args)
+            args.input,
+            args.out,
+            config=args.config,
+            overrides=args.override,
+            options=options,
+            num_gpus=args.num_gpus,
+            **_runner_kwargs(args),
         )
     else:
         # Imported here: transformers' BLIP-2 takes seconds to import and only this stage needs it.
@@ -178,7 +196,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             dtype=args.dtype,
         )
         runner = caption_dataset(
-            args.input, args.out, captioner=args.captioner, captioner_kwargs=captioner_kwargs, **_runner_kwargs(args)
+            args.input,
+            args.out,
+            captioner=args.captioner,
+            captioner_kwargs=captioner_kwargs,
+            num_gpus=args.num_gpus,
+            **_runner_kwargs(args),
         )
     if rank_info().rank == 0:
         _summary(runner, runner.num_units)

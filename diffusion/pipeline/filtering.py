@@ -1,23 +1,28 @@
 """Filter stage: license allowlist, minimum size, aspect ratio, exact and near duplicates.
 
 The per-sample rules need only the side table (``samples.jsonl``) that every stage writes next to its shards, so
-the decisions for the whole dataset are made before any image is read: every rank computes them from the same
-table, in the dataset's global order, and keeps the first of each group of duplicates. The result is therefore the
-same for any number of ranks. Exact duplicates share a SHA-256 of the source bytes; near duplicates have 64-bit
+the decisions for the whole dataset are made before any image is read, in the dataset's global order, keeping the
+first of each group of duplicates. :func:`decide` states the rule on an in-memory table; the stage makes the same
+decisions with :mod:`diffusion.pipeline.dedup`'s partitioned passes, whose memory does not grow with the dataset,
+scheduled by the stage's engine (ranks or Ray). The result is therefore the same for any number of workers.
+Exact duplicates share a SHA-256 of the source bytes; near duplicates have 64-bit
 perceptual hashes within ``near_duplicate_distance`` bits (a re-encode or a resize of the same photo).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, Optional
 
 from diffusion.data.licenses import allowed_licenses
+from diffusion.pipeline.dedup import PARTITION_ROWS, BlockDecisions, plan_dedup, run_dedup
+from diffusion.pipeline.engines import UnitWork
 from diffusion.pipeline.images import NearDuplicateIndex
 from diffusion.pipeline.runner import Drop, StageRunner
 from diffusion.pipeline.shards import InputDataset, require_input
 
-__all__ = ['FilterOptions', 'decide', 'filter_dataset', 'read_side_table']
+__all__ = ['FilterOptions', 'decide', 'filter_dataset', 'read_side_table', 'rule_drop']
 
 
 @dataclass(frozen=True)
@@ -64,26 +69,34 @@ def read_side_table(dataset: InputDataset) -> list[dict[str, Any]]:
     return rows
 
 
+def rule_drop(row: dict[str, Any], options: FilterOptions, allowed: Any) -> Optional[tuple[str, str]]:
+    """``(reason, detail)`` when the per-sample rules (license, size, aspect) drop ``row``, else ``None``."""
+    width, height = row['original_width'], row['original_height']
+    if row['license'] not in allowed:
+        return 'license_not_allowed', f'{row["license"]} is not in the {options.preset} preset'
+    if min(width, height) < options.min_side:
+        return 'too_small', f'{width}x{height} is under {options.min_side} on its short side'
+    if (options.min_aspect and width / height < options.min_aspect) or (
+        options.max_aspect and width / height > options.max_aspect
+    ):
+        return 'aspect_ratio', f'{width}x{height} aspect {width / height:.2f} is out of bounds'
+    return None
+
+
 def decide(rows: list[dict[str, Any]], options: FilterOptions) -> list[Optional[Drop]]:
-    """For each row, ``None`` to keep it or the ``Drop`` that removes it."""
+    """For each row, ``None`` to keep it or the ``Drop`` that removes it (the rule, on an in-memory table)."""
     allowed = allowed_licenses(options.preset)
     near = None if options.near_duplicate_distance is None else NearDuplicateIndex(options.near_duplicate_distance)
     first_by_hash: dict[str, str] = {}
     decisions: list[Optional[Drop]] = []
     for row in rows:
-        width, height = row['original_width'], row['original_height']
 
         def drop(reason: str, detail: str) -> Drop:
             return Drop(reason, row['key'], row['key'], row['license'], detail)  # noqa: B023 (used at once)
 
-        if row['license'] not in allowed:
-            decisions.append(drop('license_not_allowed', f'{row["license"]} is not in the {options.preset} preset'))
-        elif min(width, height) < options.min_side:
-            decisions.append(drop('too_small', f'{width}x{height} is under {options.min_side} on its short side'))
-        elif (options.min_aspect and width / height < options.min_aspect) or (
-            options.max_aspect and width / height > options.max_aspect
-        ):
-            decisions.append(drop('aspect_ratio', f'{width}x{height} aspect {width / height:.2f} is out of bounds'))
+        verdict = rule_drop(row, options, allowed)
+        if verdict is not None:
+            decisions.append(drop(*verdict))
         elif options.exact_duplicates and row['sha256'] in first_by_hash:
             decisions.append(drop('exact_duplicate', f'same bytes as {first_by_hash[row["sha256"]]}'))
         else:
@@ -97,20 +110,47 @@ def decide(rows: list[dict[str, Any]], options: FilterOptions) -> list[Optional[
 
 
 def filter_dataset(
-    input_root: str, out: str, *, options: FilterOptions = FilterOptions(), **runner_kwargs: Any
+    input_root: str,
+    out: str,
+    *,
+    options: FilterOptions = FilterOptions(),
+    partition_rows: int = PARTITION_ROWS,
+    **runner_kwargs: Any,
 ) -> StageRunner:
-    """Run the filter stage from the dataset at ``input_root`` into ``out``; one unit per input shard."""
+    """Run the filter stage from the dataset at ``input_root`` into ``out``; one unit per input shard.
+
+    ``partition_rows`` bounds the rows each global pass holds at once (see :mod:`diffusion.pipeline.dedup`).
+    """
     allowed_licenses(options.preset)  # fail on a bad preset before reading anything
     require_input(input_root)
     runner = StageRunner('filter', out, {'input': input_root, **asdict(options)}, **runner_kwargs)
     dataset = InputDataset(input_root, runner.scratch)
-    decisions = decide(read_side_table(dataset), options)
+    plan = plan_dedup(dataset, options.near_duplicate_distance, partition_rows)
+    allowed = allowed_licenses(options.preset)
 
-    def process(unit: int):
-        first = dataset.offsets[unit]
-        for position, sample in enumerate(dataset.iter_shard(unit)):
-            decision = decisions[first + position]
-            yield sample if decision is None else decision
+    def decide_globally(runner: StageRunner) -> None:
+        if runner.output.finished_units() >= set(range(len(dataset))):
+            return  # a rerun of a finished stage: nothing left to decide
+        rules = partial(rule_drop, options=options, allowed=allowed)
+        run_dedup(dataset, runner.output, plan, options, rules, runner.map_tasks)
 
-    runner.run(len(dataset), process, unit_samples=[shard['samples'] for shard in dataset.shards])
+    def build():
+        decisions = BlockDecisions(runner.output, plan)  # the worker's own copy, one block in memory at a time
+
+        def process(unit: int, _: Any):
+            first = dataset.offsets[unit]
+            for position, sample in enumerate(dataset.iter_shard(unit)):
+                verdict = decisions.drop_of(first + position)
+                yield sample if verdict is None else Drop(verdict[0], sample['key'], sample['key'], sample['license'],
+                                                          verdict[1])  # fmt: skip
+
+        return process
+
+    runner.run(
+        len(dataset),
+        UnitWork(build=build),
+        unit_samples=[shard['samples'] for shard in dataset.shards],
+        before_units=decide_globally,
+    )
+    runner.output.remove_work()
     return runner

@@ -124,7 +124,7 @@ def ingest(
     reader = build_source(source, inputs, unit_size=unit_size, image_root=image_root)
     settings = {
         'source': source,
-        'inputs': [os.path.abspath(p) for p in inputs],
+        'inputs': [p if '://' in p else os.path.abspath(p) for p in inputs],
         'unit_size': unit_size,
         'image_root': image_root,
         **asdict(options),

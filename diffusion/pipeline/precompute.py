@@ -19,8 +19,9 @@ precompute ...``, one GPU each) and resumable like every stage; never an in-memo
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from diffusion.config import load_config
 from diffusion.data.batch import MICRO_CONDITIONING_KEYS
 from diffusion.data.image_caption import decode_image, image_transform, micro_conditioning, resize_and_crop
 from diffusion.data.latents import STORAGE_DTYPES, to_stored
+from diffusion.pipeline.engines import UnitWork
 from diffusion.pipeline.runner import StageRunner, rank_info
 from diffusion.pipeline.shards import SIDE_COLUMNS, InputDataset, require_input
 
@@ -120,6 +122,7 @@ def precompute_latents(
     config: str,
     overrides: Sequence[str] = (),
     options: PrecomputeOptions = PrecomputeOptions(),
+    num_gpus: Optional[float] = None,
     **runner_kwargs: Any,
 ) -> StageRunner:
     """Run the precompute stage from the image-caption dataset ``input_root`` into ``out``.
@@ -129,6 +132,7 @@ def precompute_latents(
         out (str): Output folder or object-store URL.
         config (str): Training yaml whose ``model`` section names the encoders; ``overrides`` as on the command line.
         options (PrecomputeOptions): What is encoded and stored.
+        num_gpus (float, optional): GPUs per Ray actor. Default: 1 when this machine has a GPU, else 0.
         **runner_kwargs: Passed to :class:`~diffusion.pipeline.runner.StageRunner`.
     """
     require_input(input_root)
@@ -149,38 +153,60 @@ def precompute_latents(
     transform = image_transform(options.resolution, crop='center')
     conditioned = bool(_micro_conditioning_columns(model))
     size = (options.resolution, options.resolution)
+    # The driver's model serves the ranks engine; a Ray actor builds its own (the model is not shipped to it).
+    models = {'driver': model}
 
-    def process(unit: int) -> Iterator[dict[str, Any]]:
-        device = model.vae.device
-        generator = torch.Generator(device=device).manual_seed(options.seed + unit)
-        batch: list[dict[str, Any]] = []
-        for sample in [*dataset.iter_shard(unit), None]:
-            if sample is not None:
-                batch.append(sample)
-            if batch and (sample is None or len(batch) == options.batch_size):
-                pixels, conditioning = [], []
-                for s in batch:
-                    image = decode_image(s['image'])
-                    if conditioned:  # the crop is recorded, so it is taken by the function that reports it
-                        tensor, top_left = resize_and_crop(image, *size, 'center')
-                        columns = micro_conditioning(s, (image.height, image.width), top_left, size)
-                        conditioning.append({k: np.asarray(v, dtype=np.int64) for k, v in columns.items()})
-                    else:
-                        tensor = transform(image)
-                    pixels.append(tensor)
-                images = torch.stack(pixels).to(device)
-                encoded = encode_batch(model, images, [s[options.caption_column] for s in batch], options, generator)
-                for row, sample_in in enumerate(batch):
-                    kept = {name: sample_in[name] for name in carried}
+    def decode(unit: int) -> Iterator[tuple[dict[str, Any], torch.Tensor, dict[str, Any]]]:
+        """The CPU half: every sample's carried columns, resized and cropped pixels and micro-conditioning.
+
+        A generator: the ranks engine streams it batch by batch; the Ray engine materialises a unit in its decode task.
+        """
+        for s in dataset.iter_shard(unit):
+            image = decode_image(s['image'])
+            conditioning = {}
+            if conditioned:  # the crop is recorded, so it is taken by the function that reports it
+                tensor, top_left = resize_and_crop(image, *size, 'center')
+                columns = micro_conditioning(s, (image.height, image.width), top_left, size)
+                conditioning = {k: np.asarray(v, dtype=np.int64) for k, v in columns.items()}
+            else:
+                tensor = transform(image)
+            yield {name: s[name] for name in carried}, tensor, conditioning
+
+    def build():
+        encoder = models.get('driver') or _build_model(config, overrides, options.encode_dtype)
+
+        def process(unit: int, decoded: Iterable[tuple]) -> Iterator[dict[str, Any]]:
+            device = encoder.vae.device
+            generator = torch.Generator(device=device).manual_seed(options.seed + unit)
+            samples = iter(decoded)
+            while batch := list(itertools.islice(samples, options.batch_size)):
+                images = torch.stack([tensor for _, tensor, _ in batch]).to(device)
+                captions = [kept[options.caption_column] for kept, _, _ in batch]
+                encoded = encode_batch(encoder, images, captions, options, generator)
+                for row, (kept, _, extra) in enumerate(batch):
                     tensors = {
                         name: to_stored(value[row], options.latents_dtype)
                         if torch.is_tensor(value[row])
                         else value[row]
                         for name, value in encoded.items()
                     }
-                    extra = conditioning[row] if conditioned else {}
                     yield {**kept, **tensors, **extra, 'latents_dtype': options.latents_dtype}
-                batch = []
 
-    runner.run(len(dataset), process, unit_samples=[shard['samples'] for shard in dataset.shards])
+        return process
+
+    def drop_driver_model(runner: StageRunner) -> None:
+        if runner.engine == 'ray':
+            models.clear()  # not pickled into the actors' closures
+
+    work = UnitWork(
+        build=build,
+        decode=decode,
+        num_gpus=(1 if torch.cuda.is_available() else 0) if num_gpus is None else num_gpus,
+    )
+    runner.run(
+        len(dataset),
+        work,
+        unit_samples=[shard['samples'] for shard in dataset.shards],
+        before_units=drop_driver_model,
+    )
     return runner

@@ -15,6 +15,7 @@ records in its checkpoints, so that an export can check that a report describes 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -39,7 +40,42 @@ def _sorted_counts(counts: dict[str, int]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def aggregate_stage(units: list[dict], stage: Optional[str] = None) -> dict:
+class StoredUnits:
+    """The ``stats.json`` of a stage output's units, read from the output each time they are iterated, in unit
+    order: a report over millions of units and dropped samples never holds them all in memory."""
+
+    def __init__(self, output: OutputDataset, units: list[int]):
+        self.output = output
+        self.units = units
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __iter__(self) -> Iterator[dict]:
+        for unit in self.units:
+            yield self.output.read_json(f'{self.output.unit_name(unit)}/stats.json')
+
+
+class DroppedSamples:
+    """The dropped samples of :class:`StoredUnits`, streamed again on each iteration; ``len`` and slices work."""
+
+    def __init__(self, units: StoredUnits, count: int):
+        self.units = units
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[dict]:
+        for u in self.units:
+            for sample in u.get('dropped_samples', []):
+                yield {'unit': u['unit'], **sample}
+
+    def __getitem__(self, index: slice) -> list[dict]:
+        return list(itertools.islice(self, index.start, index.stop, index.step))
+
+
+def aggregate_stage(units: list[dict] | StoredUnits, stage: Optional[str] = None) -> dict:
     """Sum one stage's per-unit stats and check that every unit accounted for each sample it read.
 
     Args:
@@ -55,12 +91,16 @@ def aggregate_stage(units: list[dict], stage: Optional[str] = None) -> dict:
     Raises:
         ValueError: If a unit's ``seen`` differs from its kept plus dropped counts, or units disagree on the stage.
     """
-    name = stage if stage is not None else (units[0]['stage'] if units else '')
+    if stage is None:
+        stage = next(iter(units), {}).get('stage', '')
+    name = stage
     kept: Counter[str] = Counter()
     dropped: dict[str, Counter[str]] = {}
     seen = 0
     seconds = 0.0
+    listed = 0
     for u in units:
+        listed += len(u.get('dropped_samples', []))
         if u['stage'] != name:
             raise ValueError(f'stage {name!r}: unit {u["unit"]} reports stage {u["stage"]!r}')
         unit_kept = sum(u['kept'].values())
@@ -76,8 +116,11 @@ def aggregate_stage(units: list[dict], stage: Optional[str] = None) -> dict:
         kept.update(u['kept'])
         for reason, by_license in u['dropped'].items():
             dropped.setdefault(reason, Counter()).update(by_license)
-    ordered = sorted(units, key=lambda u: u['unit'])  # stable: ties keep the caller's order
-    samples = [{'unit': u['unit'], **s} for u in ordered for s in u.get('dropped_samples', [])]
+    if isinstance(units, StoredUnits):
+        samples: Any = DroppedSamples(units, listed)  # streamed where they are written, never all in memory
+    else:
+        ordered = sorted(units, key=lambda u: u['unit'])  # stable: ties keep the caller's order
+        samples = [{'unit': u['unit'], **s} for u in ordered for s in u.get('dropped_samples', [])]
     by_reason = {reason: sum(c.values()) for reason, c in sorted(dropped.items())}
     return {
         'stage': name,
@@ -234,8 +277,7 @@ def write_report(
     if fingerprint is not None:
         report['final']['fingerprint'] = [dict(entry) for entry in fingerprint]
     with _atomic_write(os.path.join(out_dir, 'provenance.json')) as f:
-        json.dump(report, f, indent=2, ensure_ascii=False)
-        f.write('\n')
+        _dump_streaming(report, f)
     _plot_license_mix(final_licenses, os.path.join(out_dir, 'license_mix.png'))
 
     total = report['final']['images']
@@ -257,6 +299,26 @@ def write_report(
     return report
 
 
+def _dump_streaming(report: dict, f: IO[str]) -> None:
+    """``json.dump(report, f, indent=2)``, writing each stage's dropped samples one at a time as they are read."""
+    samples = [agg['dropped_samples'] for agg in report['stages']]
+    placeholders = {**report, 'stages': [{**agg, 'dropped_samples': f'@@dropped-{i}@@'} for i, agg in
+                                         enumerate(report['stages'])]}  # fmt: skip
+    text = json.dumps(placeholders, indent=2, ensure_ascii=False)
+    for index, stage_samples in enumerate(samples):
+        before, text = text.split(f'"@@dropped-{index}@@"', 1)
+        f.write(before)
+        indent = before[before.rfind('\n') + 1 :] if '\n' in before else ''
+        indent = ' ' * (len(indent) - len(indent.lstrip(' ')))
+        first = True
+        f.write('[')
+        for sample in stage_samples:
+            f.write(('\n' if first else ',\n') + indent + '  ' + json.dumps(sample, ensure_ascii=False))
+            first = False
+        f.write(']' if first else '\n' + indent + ']')
+    f.write(text + '\n')
+
+
 def report_outputs(stage_roots: list[str], out_dir: str, *, title: str = 'Provenance report') -> dict:
     """Write the report of the pipeline outputs ``stage_roots`` (in pipeline order; local or object storage).
 
@@ -275,7 +337,7 @@ def report_outputs(stage_roots: list[str], out_dir: str, *, title: str = 'Proven
             raise FileNotFoundError(f'{root} has no pipeline.json: it is not the output of a pipeline stage.')
         units = sorted(output.finished_units())
         name = settings['stage'] if settings['stage'] not in stages else f'{settings["stage"]} ({root})'
-        stages[name] = [output.read_json(f'{output.unit_name(u)}/stats.json') for u in units]
+        stages[name] = StoredUnits(output, units)  # type: ignore[assignment]
         outputs.append((output, units))
     final, units = outputs[-1]
     try:

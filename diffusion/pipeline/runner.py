@@ -7,11 +7,15 @@ whatever ``N`` is, and a rerun after a crash skips every unit whose ``stats.json
 unit's shards, so its presence means the unit is complete) and redoes the others from scratch.
 
 Ranks come from the ``RANK``/``WORLD_SIZE`` variables that the composer launcher and torchrun set; the only
-collective is a ``torch.distributed`` barrier (gloo) before the merge.
+collective is a ``torch.distributed`` barrier (gloo) before the merge. With ``engine='ray'`` the same per-unit work
+(:class:`~diffusion.pipeline.engines.UnitWork`) is scheduled by Ray Data instead (:mod:`diffusion.pipeline.engines`)
+from one driver process; units, their folders, markers and the merge are the same, so is the output.
 """
 
 from __future__ import annotations
 
+import atexit
+import copy
 import datetime
 import json
 import os
@@ -25,6 +29,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch.distributed as torch_dist
 from tqdm.auto import tqdm
 
+from diffusion.pipeline.engines import ENGINES, UnitWork, ray_map_tasks, ray_run_units
 from diffusion.pipeline.shards import MDS_COLUMNS, SIDE_COLUMNS, OutputDataset
 
 __all__ = ['Drop', 'RankInfo', 'StageRunner', 'UnitStats', 'rank_info']
@@ -103,6 +108,10 @@ class StageRunner:
         barrier_timeout (float): Seconds a rank waits for the others before the merge. Default: 24 hours.
         columns (dict, optional): MDS columns of the output. Default: the image-caption columns (``MDS_COLUMNS``).
         side_columns (tuple, optional): Columns copied to each unit's ``samples.jsonl``. Default: ``SIDE_COLUMNS``.
+        engine (str): ``'ranks'`` (this process is one rank of the launcher's) or ``'ray'``. Default: ``'ranks'``.
+        address (str, optional): Ray cluster address (``'auto'``); ``None`` starts a local cluster. Default: ``None``.
+        workers (int, optional): Ray actors (and concurrent tasks); ``None``: as many as the cluster has CPUs
+            (GPUs for a stage whose work asks for GPUs). Default: ``None``.
     """
 
     def __init__(
@@ -118,10 +127,22 @@ class StageRunner:
         barrier_timeout: float = 24 * 3600,
         columns: Optional[dict[str, str]] = None,
         side_columns: Optional[tuple[str, ...]] = None,
+        engine: str = 'ranks',
+        address: Optional[str] = None,
+        workers: Optional[int] = None,
     ):
+        if engine not in ENGINES:
+            raise ValueError(f'Unknown engine {engine!r}. Valid engines: {", ".join(ENGINES)}.')
+        if workers is not None and workers < 1:
+            raise ValueError(f'workers must be at least 1, got {workers}.')
         self.stage = stage
-        self.ranks = rank_info()
+        self.engine = engine
+        self.address = address
+        self.workers = workers
+        # One Ray driver schedules every unit: it is rank 0 of 1 whatever the launcher's environment says.
+        self.ranks = rank_info() if engine == 'ranks' else RankInfo(0, 1, 0)
         self.scratch = tempfile.mkdtemp(prefix=f'pipeline-{stage}-rank{self.ranks.rank}-')
+        self.root = out
         self.output = OutputDataset(out, self.scratch)
         self.settings = {'stage': stage, **settings, 'compression': compression, 'size_limit': size_limit}
         self.overwrite = overwrite
@@ -162,19 +183,31 @@ class StageRunner:
                 self.output.write_text('pipeline.json', json.dumps(self.settings, indent=2, sort_keys=True))
         self._barrier()
 
-    def run(self, num_units: int, process: UnitFunction, unit_samples: Optional[Sequence[int]] = None) -> list[int]:
+    def run(
+        self,
+        num_units: int,
+        process: UnitFunction | UnitWork,
+        unit_samples: Optional[Sequence[int]] = None,
+        *,
+        before_units: Optional[Callable[[StageRunner], Any]] = None,
+    ) -> list[int]:
         """Process this rank's unfinished units, then merge all of them on rank 0; returns all unit indexes.
 
-        The progress bar counts samples (kept or dropped) as ``process`` yields them; ``unit_samples``, the number
-        of input samples of each unit when the stage knows it (an MDS shard's count), gives the bar its total.
+        ``process`` is ``process(unit)`` yielding samples, or a :class:`UnitWork`. The progress bar counts samples
+        (kept or dropped) as ``process`` yields them; ``unit_samples``, the number of input samples of each unit when
+        the stage knows it (an MDS shard's count), gives the bar its total. ``before_units(runner)`` runs after the
+        settings check on every rank, e.g. global passes scheduled with :meth:`map_tasks`.
         """
+        work = process if isinstance(process, UnitWork) else UnitWork(build=lambda: lambda unit, _: process(unit))
         self.num_units = num_units
         # The unit count is part of the settings: a grown input folder must not reuse units cut differently.
         self.settings['num_units'] = num_units
         self._init_distributed()
         try:
             self._check_settings()
-            self._run_units(process, unit_samples)
+            if before_units is not None:
+                before_units(self)
+            self._run_units(work, unit_samples)
             self._barrier()
             if self.ranks.rank == 0:
                 missing = sorted(set(range(num_units)) - self.output.finished_units())
@@ -188,7 +221,17 @@ class StageRunner:
                 torch_dist.destroy_process_group()  # a live gloo group keeps the launcher waiting for the process
         return list(range(num_units))
 
-    def _run_units(self, process: UnitFunction, unit_samples: Optional[Sequence[int]] = None) -> None:
+    def map_tasks(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> None:
+        """Run ``fn(item)`` for every item (items ``r, r + N, ...`` on rank ``r``, or as Ray tasks), then wait for all
+        ranks. ``fn`` writes its result; this is how a stage runs global passes before its units."""
+        if self.engine == 'ray':
+            ray_map_tasks(fn, items, workers=self.workers, address=self.address)
+        else:
+            for item in items[self.ranks.rank :: self.ranks.world_size]:
+                fn(item)
+        self._barrier()
+
+    def _run_units(self, work: UnitWork, unit_samples: Optional[Sequence[int]] = None) -> None:
         finished = set() if self.overwrite else self.output.finished_units()
         mine = [u for u in range(self.num_units) if u % self.ranks.world_size == self.ranks.rank]
         todo = [u for u in mine if u not in finished]
@@ -197,6 +240,10 @@ class StageRunner:
                 f'[{self.stage} rank {self.ranks.rank}] skipping {len(mine) - len(todo)} finished units of {len(mine)}',
                 file=sys.stderr,
             )
+        if self.engine == 'ray':
+            ray_run_units(self._for_worker(), todo, work, workers=self.workers, address=self.address)
+            return
+        process = work.build()
         # Samples, not units: a rank with one large unit (a shard) would otherwise sit at 0% until it is done.
         bar = tqdm(
             total=sum(unit_samples[u] for u in todo) if unit_samples is not None else None,
@@ -206,8 +253,22 @@ class StageRunner:
             disable=not self.progress,
         )
         for unit in todo:
-            self._run_unit(unit, process, bar.update)
+            self._run_unit(unit, lambda u: process(u, work.decode(u) if work.decode else None), bar.update)
         bar.close()
+
+    def _for_worker(self) -> StageRunner:
+        """A copy to ship to Ray workers: it makes its own scratch folder where it runs."""
+        clone = copy.copy(self)
+        clone.scratch = None
+        clone.output = None
+        return clone
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.scratch is None:  # unpickled in a Ray worker: scratch of its own, removed when the process ends
+            self.scratch = tempfile.mkdtemp(prefix=f'pipeline-{self.stage}-worker-')
+            atexit.register(shutil.rmtree, self.scratch, ignore_errors=True)
+            self.output = OutputDataset(self.root, self.scratch)
 
     def _run_unit(self, unit: int, process: UnitFunction, progress: Callable[[int], Any] = lambda n: None) -> None:
         start = time.perf_counter()

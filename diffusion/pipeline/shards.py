@@ -72,6 +72,8 @@ SIDE_COLUMNS = (
 )
 
 DOWNLOAD_TIMEOUT = 300
+# Sub-folder of an output where a stage spills intermediate files of its global passes (the filter's partitions).
+WORK_DIR = '_work'
 
 
 def is_remote(path: str) -> bool:
@@ -223,7 +225,7 @@ class OutputDataset:
         """Remove an earlier run's units (local folders; remote units are overwritten unit by unit)."""
         if not self.remote:
             for name in os.listdir(self.root):
-                if name.startswith('unit-') or name == 'index.json':
+                if name.startswith('unit-') or name in ('index.json', WORK_DIR):
                     shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
                     if os.path.isfile(os.path.join(self.root, name)):
                         os.remove(os.path.join(self.root, name))
@@ -242,19 +244,28 @@ class OutputDataset:
 
     def write_text(self, relative: str, text: str) -> None:
         """Write ``text`` to ``root/relative`` (uploaded when remote)."""
+        self.write_bytes(relative, text.encode('utf-8'))
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        """Write ``data`` to ``root/relative`` (uploaded when remote)."""
         subdir, name = os.path.split(relative)
         if not self.remote:
             os.makedirs(os.path.join(self.root, subdir), exist_ok=True)
-            tmp = os.path.join(self.root, relative + '.tmp')
-            with open(tmp, 'w', encoding='utf-8') as f:
-                f.write(text)
+            tmp = os.path.join(self.root, relative + f'.{os.getpid()}.tmp')
+            with open(tmp, 'wb') as f:
+                f.write(data)
             os.replace(tmp, os.path.join(self.root, relative))  # atomic: a crash never leaves half a marker
             return
         uploader = self._uploader(subdir)
         os.makedirs(uploader.local, exist_ok=True)
-        with open(os.path.join(uploader.local, name), 'w', encoding='utf-8') as f:
-            f.write(text)
+        with open(os.path.join(uploader.local, name), 'wb') as f:
+            f.write(data)
         uploader.upload_file(name)
+
+    def remove_work(self) -> None:
+        """Remove the spilled intermediate files of a finished stage (local outputs; remote ones are left)."""
+        if not self.remote:
+            shutil.rmtree(os.path.join(self.root, WORK_DIR), ignore_errors=True)
 
     def writer(self, unit: int, columns: dict[str, str], *, compression: Optional[str], size_limit: str) -> MDSWriter:
         """A fresh ``MDSWriter`` for ``unit``, after removing what a crashed run may have left there."""

@@ -5,7 +5,8 @@ Each source cuts its input into units that depend only on the input (``unit_size
 file), and yields, per unit, raw samples (a dict of :data:`RAW_FIELDS`) or a :class:`~diffusion.pipeline.runner.Drop`
 for a sample that cannot even be read. Column names are matched against the spellings found in the wild
 (:data:`ALIASES`); a file that lacks a required column fails at start, naming the file and the accepted names.
-Parquet is read with pyarrow one row group at a time, so a unit never loads more than it needs.
+Parquet is read with pyarrow one row group at a time, so a unit never loads more than it needs; parquet inputs may be
+``s3://`` files or prefixes, read through ``pyarrow.fs.S3FileSystem`` (``S3_ENDPOINT_URL`` for other endpoints).
 """
 
 from __future__ import annotations
@@ -129,13 +130,14 @@ class ParquetSource:
     """
 
     def __init__(self, paths: Sequence[str], unit_size: int = 1000, flavor: str = 'parquet'):
-        self.files = _expand(paths, ('.parquet',))
+        self.files = _expand_remote(paths, ('.parquet',)) if any('://' in p for p in paths) else _expand(
+            paths, ('.parquet',))  # fmt: skip
         self.flavor = flavor
         self.unit_size = unit_size
         self.units: list[tuple[int, int]] = []  # (file index, first row)
         required = ['image|path', 'license'] + ([] if flavor == 'commoncatalog' else ['attribution'])
         for index, path in enumerate(self.files):
-            metadata = pq.ParquetFile(path)
+            metadata = open_parquet(path)
             _require(metadata.schema_arrow.names, required, path)
             rows = metadata.metadata.num_rows
             self.units += [(index, start) for start in range(0, rows, unit_size)]
@@ -146,7 +148,7 @@ class ParquetSource:
     def read_unit(self, unit: int) -> Iterator[dict[str, Any] | Drop]:
         file_index, start = self.units[unit]
         path = self.files[file_index]
-        parquet = pq.ParquetFile(path)
+        parquet = open_parquet(path)
         end = start + self.unit_size
         first = 0
         for group in range(parquet.num_row_groups):
@@ -269,6 +271,47 @@ class WebDatasetSource:
         sample['image'] = group[image_ext]
         sample['original_caption'] = sample['original_caption'] or caption
         return sample
+
+
+def _s3() -> Any:
+    """pyarrow's S3 filesystem, with ``S3_ENDPOINT_URL`` (an S3-compatible store) when it is set."""
+    from pyarrow import fs
+
+    endpoint = os.environ.get('S3_ENDPOINT_URL')
+    kwargs: dict[str, Any] = {'region': os.environ.get('AWS_DEFAULT_REGION', 'us-east-1')}
+    if endpoint:
+        scheme, _, host = endpoint.partition('://')
+        kwargs.update(endpoint_override=host, scheme=scheme)
+    return fs.S3FileSystem(**kwargs)
+
+
+def open_parquet(path: str) -> pq.ParquetFile:
+    """A local or ``s3://`` parquet file."""
+    if path.startswith('s3://'):
+        return pq.ParquetFile(path[len('s3://') :], filesystem=_s3())
+    return pq.ParquetFile(path)
+
+
+def _expand_remote(paths: Sequence[str], extensions: tuple[str, ...]) -> list[str]:
+    """``s3://`` files, or every file under an ``s3://`` prefix, with one of ``extensions``, sorted."""
+    from pyarrow import fs
+
+    found: list[str] = []
+    for path in paths:
+        if not path.startswith('s3://'):
+            raise ValueError(f'Input {path}: remote parquet inputs must be s3:// URLs (local paths need no scheme).')
+        info = _s3().get_file_info(path[len('s3://') :])
+        if info.type == fs.FileType.File:
+            found.append(path)
+        elif info.type == fs.FileType.Directory:
+            listing = _s3().get_file_info(fs.FileSelector(path[len('s3://') :], recursive=True))
+            found += [f's3://{i.path}' for i in listing if i.type == fs.FileType.File and i.path.lower().endswith(
+                extensions)]  # fmt: skip
+        else:
+            raise FileNotFoundError(f'Input {path} does not exist.')
+    if not found:
+        raise FileNotFoundError(f'No {"/".join(extensions)} files in {", ".join(paths)}.')
+    return sorted(set(found))
 
 
 def _expand(paths: Sequence[str], extensions: tuple[str, ...]) -> list[str]:

@@ -112,3 +112,15 @@ def commoncatalog_parquet(tmp_path) -> str:
     return write_commoncatalog(
         str(tmp_path / 'commoncatalog-00000.parquet'), [*rows, unknown, truncated, empty, duplicate]
     )
+
+
+@pytest.fixture(scope='module')
+def ray_cluster():
+    """A local Ray cluster for one test module, bounded to 2 CPUs and a small object store; stopped afterwards."""
+    ray = pytest.importorskip('ray')
+    pytest.importorskip('ray.data')
+
+    ray.init(num_cpus=2, object_store_memory=150 * 1024**2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,103 @@
+"""``--engine ray``: the same files as the ranks engine with 1 or 2 Ray workers, a killed actor retried, resumes, S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from diffusion.pipeline.__main__ import main
+from diffusion.pipeline.captioners import save_tiny_blip2
+from diffusion.pipeline.engines import FAULT_ENV
+from tests.pipeline.test_pipeline import read_dataset
+
+# One local Ray cluster per module (the fixture), so the tests share one xdist worker; slow: every Ray worker process
+# imports torch and the stack before its first unit.
+pytestmark = [pytest.mark.usefixtures('ray_cluster'), pytest.mark.slow, pytest.mark.xdist_group('ray')]
+
+ENGINES = {'ranks': ['--engine', 'ranks'], 'ray1': ['--engine', 'ray', '--workers', '1'],
+           'ray2': ['--engine', 'ray', '--workers', '2']}  # fmt: skip
+
+
+def tree(root: str, base: str = '') -> dict[str, bytes]:
+    """Every file under ``root`` by relative path; stats without their timing and the run folder ``base`` (which
+    the settings and the report name) as ``<out>``."""
+    base = base or os.path.dirname(root)
+    files = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, 'rb') as f:
+                data = f.read()
+            if name in ('stats.json', 'provenance.json'):
+                stats = json.loads(data)
+                for unit in stats.get('stages', [stats]):
+                    unit.pop('seconds', None)
+                data = json.dumps(stats, sort_keys=True).encode()
+            if name == 'provenance.md':
+                data = re.sub(rb'dropped, [0-9.]+ s\.', b'dropped, <t> s.', data)
+            files[os.path.relpath(path, root)] = data.replace(base.encode(), b'<out>')
+    return files
+
+
+def stages(parquet: str, out: str, engine: list[str], blip2: str, before_caption=lambda: None) -> None:
+    main(['ingest', '--source', 'commoncatalog', '--input', parquet, '--out', f'{out}/ingested', '--unit-size', '5',
+          '--no-progress', *engine])  # fmt: skip
+    main(['filter', '--input', f'{out}/ingested', '--out', f'{out}/filtered', '--preset', 'all', '--min-side', '0',
+          '--no-progress', *engine])  # fmt: skip
+    before_caption()
+    main(['caption', '--input', f'{out}/filtered', '--out', f'{out}/captioned', '--model', blip2,
+          '--max-new-tokens', '4', '--batch-size', '4', '--no-progress', *engine])  # fmt: skip
+    main(['report', f'{out}/ingested', f'{out}/filtered', f'{out}/captioned', '--out', f'{out}/report'])
+
+
+def test_ray_with_one_and_two_workers_writes_what_the_ranks_engine_writes(commoncatalog_parquet, tmp_path, monkeypatch):
+    """Ingest, filter, caption and report with each engine; with 2 Ray workers a captioning actor is also killed
+    halfway through a unit (and restarted by Ray), and a rerun after a lost unit redoes that unit alone."""
+    blip2 = save_tiny_blip2(str(tmp_path / 'tiny-blip2'))
+    trees = {}
+    marker = tmp_path / 'fault'
+    for name, engine in ENGINES.items():
+        out = str(tmp_path / name)
+        # With 2 workers, a captioning actor dies halfway through its first unit.
+        fault = (lambda: monkeypatch.setenv(FAULT_ENV, str(marker))) if name == 'ray2' else (lambda: None)
+        stages(commoncatalog_parquet, out, engine, blip2, before_caption=fault)
+        monkeypatch.delenv(FAULT_ENV, raising=False)
+        trees[name] = {stage: tree(f'{out}/{stage}') for stage in ('ingested', 'filtered', 'captioned', 'report')}
+    assert marker.exists(), 'no worker was killed'
+    assert int(marker.read_text()) != os.getpid()
+    assert len([p for p in trees['ranks']['captioned'] if p.endswith('.mds')]) >= 4
+    assert trees['ray1'] == trees['ranks']
+    assert trees['ray2'] == trees['ranks']
+    captioned = read_dataset(str(tmp_path / 'ray2' / 'captioned'), str(tmp_path / 'cache'))
+    assert len(captioned) == 20 and not captioned[0]['caption'].startswith('a synthetic caption')
+
+    # Resume: unit 2 lost its marker (as if killed while writing it); the rerun skips the 4 finished units.
+    out = str(tmp_path / 'ray2' / 'ingested')
+    os.remove(os.path.join(out, 'unit-000002', 'stats.json'))
+    os.remove(os.path.join(out, 'index.json'))
+    mtimes = {u: os.path.getmtime(os.path.join(out, u, 'stats.json')) for u in ('unit-000000', 'unit-000004')}
+    main(['ingest', '--source', 'commoncatalog', '--input', commoncatalog_parquet, '--out', out, '--unit-size', '5',
+          '--no-progress', *ENGINES['ray2']])  # fmt: skip
+    assert os.path.exists(os.path.join(out, 'unit-000002', 'stats.json'))
+    assert all(os.path.getmtime(os.path.join(out, u, 'stats.json')) == t for u, t in mtimes.items())
+    assert tree(out) == trees['ranks']['ingested']
+
+
+def test_ray_engine_from_s3_parquet_to_s3_shards(s3_server, commoncatalog_parquet, tmp_path):
+    import boto3
+
+    boto3.client('s3', endpoint_url=s3_server).upload_file(commoncatalog_parquet, 'test-bucket', 'raw/cc-0.parquet')
+    local = str(tmp_path / 'local')
+    runs = ((local, commoncatalog_parquet, ['--engine', 'ranks']), ('s3://test-bucket/ray', 's3://test-bucket/raw',
+            ['--engine', 'ray', '--workers', '2']))  # fmt: skip
+    for root, source, engine in runs:
+        main(['ingest', '--source', 'commoncatalog', '--input', source, '--out', f'{root}/ingested',
+              '--unit-size', '5', '--compression', 'zstd', '--no-progress', *engine])  # fmt: skip
+        main(['filter', '--input', f'{root}/ingested', '--out', f'{root}/filtered', '--min-side', '0',
+              '--no-progress', *engine])  # fmt: skip
+    remote = read_dataset('s3://test-bucket/ray/filtered', str(tmp_path / 'c1'))
+    expected = read_dataset(f'{local}/filtered', str(tmp_path / 'c2'))
+    assert len(expected) == 8 and remote == expected
