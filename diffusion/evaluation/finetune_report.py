@@ -8,7 +8,9 @@ sampler steps, and scores them with the deterministic checker voting among the o
 as wrong. Per run it adds the trainable parameters, the checkpoint's size (a LoRA run's holds its adapters alone,
 :mod:`diffusion.callbacks.frozen_base`), the training minutes (Composer's ``SpeedMonitor``: ``time/train``, which
 the fine-tuning yamls log in seconds, read from the run's file log) and the forgetting (old-colour score after minus
-before). It writes ``results.json``, ``results.md`` (the table) and ``samples.png`` (per model a row of new-concept
+before). For the base it also measures the ceiling the frozen autoencoder sets (:func:`autoencoder_round_trip`: how
+often a generator image keeps its colour, by the checker, after the VAE encodes and decodes it). It writes
+``results.json``, ``results.md`` (the table) and ``samples.png`` (per model a row of new-concept
 samples and a row of old colours) and prints the table.
 
 Builds on :func:`diffusion.inference.loading.load_checkpoint` (diffusers folders and Composer checkpoints, a LoRA
@@ -29,18 +31,21 @@ import re
 from collections.abc import Sequence
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from diffusion.callbacks.image_grid import save_image_grid
 from diffusion.callbacks.prompt_following import PromptFollowing
+from diffusion.data.synthetic import NEW_COLORS, render_sample
 from diffusion.evaluation.prompt_following import (
     DEMO_PROMPTS_PATH,
     FINETUNE_COLORS,
     FINETUNE_PROMPTS_PATH,
+    dominant_color,
     score_prompt_following,
 )
 
-__all__ = ['CHECKPOINT', 'SAMPLING', 'evaluate_model', 'markdown_table', 'run_facts', 'main']
+__all__ = ['CHECKPOINT', 'SAMPLING', 'autoencoder_round_trip', 'evaluate_model', 'markdown_table', 'run_facts', 'main']
 
 #: The demo's sampling (yamls/demo.yaml's prompt_following): the same seeds, guidance and steps.
 SAMPLING = {'seeds': (0, 1), 'guidance_scale': 7.5, 'num_inference_steps': 30}
@@ -83,6 +88,28 @@ def evaluate_model(model: Any) -> tuple[dict[str, Any], torch.Tensor]:
     return scores, rows
 
 
+def autoencoder_round_trip(model: Any, num_samples: int = 24, seed: int = 9, image_size: int = 32) -> dict[str, float]:
+    """How often the model's autoencoder keeps a generator image's colour: ``{'new': ..., 'old': ...}``.
+
+    ``num_samples`` images of the new colour, and as many of the palette's (the default data's draw), rendered at
+    the training resolution, are encoded (the posterior's mode) and decoded by ``model.vae``; a hit is a decoded
+    image whose dominant colour (among :data:`FINETUNE_COLORS`) is still the rendered one. Both fine-tuning methods
+    keep the VAE frozen, so this is the ceiling of what a denoiser trained on its latents can draw.
+    """
+    hits: dict[str, float] = {}
+    for key, new_color in (('new', next(iter(NEW_COLORS))), ('old', None)):
+        found = []
+        for index in range(num_samples):
+            image, record = render_sample(index, seed, image_size, new_color=new_color)
+            pixels = torch.as_tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1
+            with torch.no_grad():
+                latents = model.vae.encode(pixels).latent_dist.mode()
+                decoded = (model.vae.decode(latents).sample[0].clamp(-1, 1) + 1) / 2
+            found.append(dominant_color(decoded, FINETUNE_COLORS) == record['color'])
+        hits[key] = float(np.mean(found))
+    return hits
+
+
 def _training_seconds(log_file: str) -> Optional[float]:
     """The last ``time/train`` that SpeedMonitor (``time_unit: seconds``) wrote to the run's file log, if any."""
     if not os.path.isfile(log_file):
@@ -123,6 +150,12 @@ def markdown_table(results: dict[str, Any]) -> str:
             f'| {name} | {run["trainable_parameters"]:,} | {run["checkpoint_mb"]:.1f} | {minutes} | {run["batch"]} '
             f'| {run["new"]:.2f} | {before["old"]:.2f} | {run["old"]:.2f} | {run["old"] - before["old"]:+.2f} |'
         )
+    trip = before.get('autoencoder_round_trip')
+    if trip:
+        lines.append(
+            f'\nThe frozen autoencoder alone (encode, decode) keeps the colour of {trip["new"]:.2f} of new-colour '
+            f'images and {trip["old"]:.2f} of old-colour ones: the ceiling of both methods.'
+        )
     return '\n'.join(lines) + '\n'
 
 
@@ -151,6 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     torch.manual_seed(0)
     base = load_checkpoint(args.base)
     base_scores, grid = evaluate_model(base.model)
+    base_scores['autoencoder_round_trip'] = autoencoder_round_trip(base.model)
     rows = [grid]
     del base
     results: dict[str, Any] = {
