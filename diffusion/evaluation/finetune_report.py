@@ -101,7 +101,7 @@ def autoencoder_round_trip(model: Any, num_samples: int = 24, seed: int = 9, ima
         found = []
         for index in range(num_samples):
             image, record = render_sample(index, seed, image_size, new_color=new_color)
-            pixels = torch.as_tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1
+            pixels = torch.as_tensor(np.array(image), dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1
             with torch.no_grad():
                 latents = model.vae.encode(pixels).latent_dist.mode()
                 decoded = (model.vae.decode(latents).sample[0].clamp(-1, 1) + 1) / 2

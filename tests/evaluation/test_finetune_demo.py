@@ -80,3 +80,47 @@ def test_the_writer_writes_the_new_colour_mix(tmp_path):
     captions = [sample['caption'] for sample in StreamingDataset(local=out, shuffle=False, batch_size=1)]
     expected = [render_sample(index, 2, 16, 'lime', 0.5)[1]['caption'] for index in range(40)]
     assert captions == expected and 0 < sum(' lime ' in c for c in captions) < 40
+
+
+@pytest.mark.slow
+def test_finetune_runs_start_from_an_export_and_the_report_tabulates_them(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from diffusion.evaluation import finetune_report
+    from diffusion.inference.export import export_model
+    from tests.conftest import build_tiny_sd, run_composer
+
+    base, data = str(tmp_path / 'base'), str(tmp_path / 'data')
+    export_model(build_tiny_sd(), base, model_card=False)  # the test model as `make demo-finetune` exports the demo's
+    write_synthetic_dataset(data, 64, seed=3, image_size=16, progress=False, new_color='lime', new_color_fraction=0.5)
+    runs = {}
+    for method in ('lora', 'full'):
+        runs[method] = str(tmp_path / method)
+        run_composer(
+            f'yamls/demo_finetune_{method}.yaml',
+            f'model.pretrained_model_name_or_path={base}',
+            f'train_dataloader.remote={data}',
+            'train_dataloader.batch_size=8',
+            'train_dataloader.resolution=16',
+            'max_duration=2ba',
+            'save_interval=2ba',
+            f'run_folder={runs[method]}',
+        )
+    monkeypatch.setitem(finetune_report.SAMPLING, 'num_inference_steps', 2)
+    out = tmp_path / 'report'
+    results = finetune_report.main(
+        ['--base', base, '--run', f'lora={runs["lora"]}', '--run', f'full={runs["full"]}', '--out', str(out)]
+    )
+    assert json.loads((out / 'results.json').read_text())['runs'].keys() == {'lora', 'full'}
+    lora, full = results['runs']['lora'], results['runs']['full']
+    assert 0 < lora['trainable_parameters'] < full['trainable_parameters']
+    assert 0 < lora['checkpoint_mb'] < full['checkpoint_mb'] / 3  # adapters only against the model and its moments
+    assert lora['batch'] == full['batch'] == 2 and lora['minutes'] > 0 and full['minutes'] > 0
+    for scores in (results['base'], lora, full):
+        assert 0 <= scores['new'] <= 1 and 0 <= scores['old'] <= 1
+        assert scores['num_new_images'] == 24 and scores['num_old_images'] == 48
+    assert set(results['base']['autoencoder_round_trip']) == {'new', 'old'}
+    table = (out / 'results.md').read_text()
+    assert table.count('\n| lora | ') == 1 and table.count('\n| full | ') == 1
+    with Image.open(out / 'samples.png') as grid:  # per model a row of lime and a row of old colours, 16 px images
+        assert grid.size == (8 * 16 + 9 * 2, 6 * 16 + 7 * 2)
