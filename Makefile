@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DATA := data/demo
 
-.PHONY: install browser demo demo-mmdit demo-data pipeline-example test test-fast lint format benchmark gpu-wheels clean
+.PHONY: install browser demo demo-mmdit demo-finetune demo-data pipeline-example test test-fast lint format benchmark gpu-wheels clean
 
 install: $(STAMP)
 
@@ -38,6 +38,25 @@ demo-mmdit: demo-data
 		(rm -rf runs/demo_autoencoder && $(VENV)/bin/composer -n 1 train.py yamls/demo_autoencoder.yaml)
 	$(VENV)/bin/composer -n 1 train.py yamls/demo_mmdit.yaml
 	@echo "Samples: runs/demo_mmdit/samples.png   Results: runs/demo_mmdit/demo_results.json"
+
+# After `make demo`: teach its model a colour it never saw ("lime", between yellow and green) from a small synthetic
+# set (half lime, half the eight old colours), once with LoRA and once with full fine-tuning, both starting from the
+# demo model exported as a diffusers folder; then score the new colour and the old eight before and after, and print
+# the per-method table (runs/demo_finetune/results.md, results.json, samples.png). DEMO_RUN names the demo's run
+# folder, which is only read.
+DEMO_RUN ?= runs/demo
+DEMO_FT := runs/demo_finetune
+demo-finetune: install
+	@test -f $(DEMO_RUN)/checkpoints/latest-rank0.pt || \
+		{ echo "$(DEMO_RUN)/checkpoints/latest-rank0.pt does not exist: run make demo first"; exit 1; }
+	rm -rf $(DEMO_FT)
+	$(PY) -m diffusion.inference.export --checkpoint $(DEMO_RUN)/checkpoints/latest-rank0.pt --out $(DEMO_FT)/base
+	$(PY) -m diffusion.data.synthetic --out data/demo_finetune/train --num-samples 2000 --seed 3 --image-size 64 \
+		--new-color lime --new-color-fraction 0.5 --overwrite
+	$(VENV)/bin/composer -n 1 train.py yamls/demo_finetune_lora.yaml
+	$(VENV)/bin/composer -n 1 train.py yamls/demo_finetune_full.yaml
+	$(PY) -m diffusion.evaluation.finetune_report --base $(DEMO_FT)/base --run lora=$(DEMO_FT)/lora \
+		--run full=$(DEMO_FT)/full --out $(DEMO_FT)
 
 # The data pipeline on a small CommonCatalog-style file: ingest -> filter -> caption (2 ranks) -> report.
 EXAMPLE := data/example
@@ -86,4 +105,4 @@ gpu-wheels: install
 	@du -sh $(GPU_WHEELS)
 
 clean:
-	rm -rf runs data/demo data/example .pytest_cache
+	rm -rf runs data/demo data/demo_finetune data/example .pytest_cache

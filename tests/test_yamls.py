@@ -36,6 +36,13 @@ SUBSTITUTES = {
         'autoresume=false',
     ],
 }
+# The fine-tuning demo starts from an export of the demo model: here from the test model built from its config.
+SUBSTITUTES['demo_finetune_lora.yaml'] = [
+    *TEST_MODEL_OVERRIDES,
+    '~model.pretrained_model_name_or_path',
+    '~model.pretrained_components',
+]
+SUBSTITUTES['demo_finetune_full.yaml'] = SUBSTITUTES['demo_finetune_lora.yaml']
 SUBSTITUTES['commoncanvas_s_c.yaml'] = SUBSTITUTES['sd2_base_fsdp.yaml']
 SUBSTITUTES['commoncanvas_s_nc.yaml'] = SUBSTITUTES['commoncanvas_s_c.yaml']
 SUBSTITUTES['sdxl_base_fsdp.yaml'] = [

@@ -43,6 +43,7 @@ __all__ = [
     'LICENSES',
     'LICENSE_WEIGHTS',
     'MDS_COLUMNS',
+    'NEW_COLORS',
     'PALETTE',
     'SHAPES',
     'SIZES',
@@ -67,6 +68,13 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     'blue': (35, 75, 225),
     'purple': (145, 50, 215),
     'pink': (240, 70, 175),
+}
+
+# Colours the default data never shows, for teaching a trained model a new concept (``make demo-finetune``). Lime
+# (HSV hue 92) sits in the widest hue gap of the palette, 37 degrees from yellow and 36 from green, with the palette's
+# saturation and value, so the checker's nearest-hue vote can tell it from all eight.
+NEW_COLORS: dict[str, tuple[int, int, int]] = {
+    'lime': (120, 225, 30),
 }
 
 SHAPES: tuple[str, ...] = ('circle', 'square', 'triangle')
@@ -292,7 +300,9 @@ def _license_fields(rng: np.random.Generator, index: int) -> dict[str, str]:
     }
 
 
-def render_sample_with_mask(index: int, seed: int, image_size: int = 64) -> tuple[Image.Image, dict, np.ndarray]:
+def render_sample_with_mask(
+    index: int, seed: int, image_size: int = 64, new_color: str | None = None, new_color_fraction: float = 1.0
+) -> tuple[Image.Image, dict, np.ndarray]:
     """Renders one sample and also returns the per-pixel object coverage.
 
     Same as :func:`render_sample` (identical image and record), plus the anti-aliased coverage
@@ -302,21 +312,29 @@ def render_sample_with_mask(index: int, seed: int, image_size: int = 64) -> tupl
         index: Sample index within the data set.
         seed: Data-set seed; ``(seed, index)`` fully determines the sample.
         image_size: Side of the square image in pixels (at least 16).
+        new_color: A key of :data:`NEW_COLORS`: the sample shows it with probability ``new_color_fraction``, else a
+            palette colour. ``None`` (the default data) draws from the palette alone.
+        new_color_fraction: Probability of ``new_color`` per sample, in ``[0, 1]``.
 
     Returns:
         ``(image, record, coverage)`` where ``coverage`` is a float ``image_size x image_size``
         array in ``[0, 1]``.
 
     Raises:
-        ValueError: If ``index``/``seed`` are negative or ``image_size`` is below 16.
+        ValueError: If ``index``/``seed`` are negative, ``image_size`` is below 16, or ``new_color`` is not a key of
+            :data:`NEW_COLORS`.
     """
     if index < 0 or seed < 0:
         raise ValueError(f'index and seed must be non-negative, got index={index}, seed={seed}.')
     if image_size < _MIN_IMAGE_SIZE:
         raise ValueError(f'image_size must be >= {_MIN_IMAGE_SIZE}, got {image_size}.')
+    _check_new_color(new_color, new_color_fraction)
     rng = np.random.default_rng([seed, index])
 
-    color = _pick(rng, tuple(PALETTE))
+    if new_color is None:  # the default data: this draw is the only one, so its samples never change
+        color = _pick(rng, tuple(PALETTE))
+    else:
+        color = new_color if rng.random() < new_color_fraction else _pick(rng, tuple(PALETTE))
     shape = _pick(rng, SHAPES)
     count = int(rng.integers(1, 4))
     size = _pick(rng, tuple(SIZES))
@@ -326,7 +344,7 @@ def render_sample_with_mask(index: int, seed: int, image_size: int = 64) -> tupl
     background = np.asarray(BACKGROUND_TONES[tone], dtype=np.float64)
     background = background * _texture_field(rng, texture, image_size)[..., None]
     # Scaling the object colour only changes its brightness, never its hue or saturation.
-    foreground = np.asarray(PALETTE[color], dtype=np.float64) * rng.uniform(0.85, 1.0)
+    foreground = np.asarray({**PALETTE, **NEW_COLORS}[color], dtype=np.float64) * rng.uniform(0.85, 1.0)
     coverage = _coverage_mask(rng, shape, _layout(rng, count, size, image_size), image_size)
     alpha = coverage[..., None]
     pixels = np.clip(background, 0, 255) * (1 - alpha) + foreground * alpha
@@ -347,7 +365,16 @@ def render_sample_with_mask(index: int, seed: int, image_size: int = 64) -> tupl
     return image, record, coverage
 
 
-def render_sample(index: int, seed: int, image_size: int = 64) -> tuple[Image.Image, dict]:
+def _check_new_color(new_color: str | None, fraction: float) -> None:
+    if new_color is not None and new_color not in NEW_COLORS:
+        raise ValueError(f'new_color {new_color!r} is not one of NEW_COLORS ({", ".join(NEW_COLORS)}).')
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f'new_color_fraction must be in [0, 1], got {fraction}.')
+
+
+def render_sample(
+    index: int, seed: int, image_size: int = 64, new_color: str | None = None, new_color_fraction: float = 1.0
+) -> tuple[Image.Image, dict]:
     """Renders one synthetic image and its caption/licence record.
 
     The sample is a deterministic function of ``(seed, index)`` (it draws from
@@ -358,6 +385,8 @@ def render_sample(index: int, seed: int, image_size: int = 64) -> tuple[Image.Im
         index: Sample index within the data set.
         seed: Data-set seed.
         image_size: Side of the square image in pixels (at least 16).
+        new_color, new_color_fraction: A colour of :data:`NEW_COLORS` and how often to show it; see
+            :func:`render_sample_with_mask`.
 
     Returns:
         ``(image, record)``: an RGB PIL image and a dict with keys ``caption, color, shape, count,
@@ -366,7 +395,7 @@ def render_sample(index: int, seed: int, image_size: int = 64) -> tuple[Image.Im
     Raises:
         ValueError: If ``index``/``seed`` are negative or ``image_size`` is below 16.
     """
-    image, record, _ = render_sample_with_mask(index, seed, image_size)
+    image, record, _ = render_sample_with_mask(index, seed, image_size, new_color, new_color_fraction)
     return image, record
 
 
@@ -443,6 +472,8 @@ def write_synthetic_dataset(
     compression: str | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    new_color: str | None = None,
+    new_color_fraction: float = 1.0,
 ) -> str:
     """Renders ``num_samples`` synthetic samples and writes them as MDS shards.
 
@@ -461,6 +492,8 @@ def write_synthetic_dataset(
         compression: Optional shard compression understood by streaming, e.g. ``'zstd'``.
         progress: Whether to show a tqdm progress bar.
         overwrite: Replace an existing local MDS data set at ``out``.
+        new_color, new_color_fraction: Show a colour of :data:`NEW_COLORS` in this fraction of the samples (the
+            rest: palette colours); see :func:`render_sample_with_mask`. Default: the palette alone.
 
     Returns:
         ``out``, for chaining.
@@ -475,6 +508,7 @@ def write_synthetic_dataset(
     if image_size < _MIN_IMAGE_SIZE:
         raise ValueError(f'image_size must be >= {_MIN_IMAGE_SIZE}, got {image_size}.')
     fmt = _normalise_format(image_format)
+    _check_new_color(new_color, new_color_fraction)
     remote = _is_remote(out)
     if not remote:
         _prepare_local_output(out, overwrite)
@@ -489,7 +523,7 @@ def write_synthetic_dataset(
         **writer_kwargs,
     ) as writer:
         for index in tqdm(range(num_samples), desc='synthetic samples', unit='img', disable=not progress):
-            image, record = render_sample(index, seed, image_size)
+            image, record = render_sample(index, seed, image_size, new_color, new_color_fraction)
             writer.write(
                 {
                     'image': encode_image(image, fmt),
@@ -515,6 +549,12 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--compression', default=None, help='Optional shard compression, e.g. zstd.')
     parser.add_argument('--overwrite', action='store_true', help='Replace an existing local MDS data set.')
     parser.add_argument('--no-progress', action='store_true', help='Hide the progress bar.')
+    parser.add_argument(
+        '--new-color', choices=tuple(NEW_COLORS), help='A colour the default data never shows, for fine-tuning.'
+    )
+    parser.add_argument(
+        '--new-color-fraction', type=float, default=1.0, help='Fraction of samples in --new-color (default 1).'
+    )
     return parser
 
 
@@ -537,6 +577,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             compression=args.compression,
             progress=not args.no_progress,
             overwrite=args.overwrite,
+            new_color=args.new_color,
+            new_color_fraction=args.new_color_fraction,
         )
     except (ValueError, FileExistsError) as error:
         # A user mistake, not a bug: a one-line message reads better than a traceback.

@@ -8,7 +8,9 @@ hue for the colour, and match the largest blob against ideal shape templates for
 
 Built on NumPy (HSV conversion, hue voting), ``scipy.ndimage`` (connected components, hole
 filling) and PIL ``ImageDraw`` (shape templates). Palette and shape names come from
-:mod:`diffusion.data.synthetic`, so generator and checker cannot drift apart.
+:mod:`diffusion.data.synthetic`, so generator and checker cannot drift apart. The colours the checker votes among
+are the palette's eight by default; ``colors=`` adds the generator's :data:`~diffusion.data.synthetic.NEW_COLORS`
+(the fine-tuning demo's new concept), so that an image in the new colour is not counted as its nearest old one.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ import torch
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from diffusion.data.synthetic import PALETTE, SHAPES
+from diffusion.data.synthetic import NEW_COLORS, PALETTE, SHAPES
 
 __all__ = [
     'DEMO_PROMPTS_PATH',
+    'FINETUNE_COLORS',
+    'FINETUNE_PROMPTS_PATH',
     'ImageLike',
     'dominant_color',
     'dominant_shape',
@@ -42,6 +46,10 @@ __all__ = [
 ImageLike = Image.Image | np.ndarray | torch.Tensor
 
 DEMO_PROMPTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prompts', 'demo.txt')
+#: The fine-tuning demo's new-concept prompts (the new colour in every shape).
+FINETUNE_PROMPTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prompts', 'demo_finetune.txt')
+#: The colours the fine-tuning demo's checker votes among: the palette and the new colours.
+FINETUNE_COLORS: tuple[str, ...] = (*PALETTE, *NEW_COLORS)
 
 # Backgrounds in the synthetic data have HSV saturation <= 0.25 and objects >= 0.7, so a threshold
 # in between separates them; anti-aliased edges (object blended with background) fall either way.
@@ -53,6 +61,7 @@ VALUE_THRESHOLD = 0.25
 MIN_FOREGROUND_FRACTION = 0.02
 
 _PALETTE_NAMES = tuple(PALETTE)
+_ALL_COLORS = {**PALETTE, **NEW_COLORS}
 _SHAPE_WORDS = {**{shape: shape for shape in SHAPES}, **{f'{shape}s': shape for shape in SHAPES}}
 
 
@@ -71,12 +80,21 @@ def _rgb_to_hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return (hue * 60.0) % 360.0, saturation, value
 
 
-def _palette_hues() -> np.ndarray:
-    rgb = np.asarray([PALETTE[name] for name in _PALETTE_NAMES], dtype=np.float64) / 255.0
+@lru_cache(maxsize=16)
+def _color_hues(colors: tuple[str, ...]) -> np.ndarray:
+    rgb = np.asarray([_ALL_COLORS[name] for name in colors], dtype=np.float64) / 255.0
     return _rgb_to_hsv(rgb)[0]
 
 
-_PALETTE_HUES = _palette_hues()
+def _color_names(colors: Sequence[str] | None) -> tuple[str, ...]:
+    """The colours to vote among (default: the palette), each checked against the generator's colours."""
+    if colors is None:
+        return _PALETTE_NAMES
+    names = tuple(colors)
+    unknown = [name for name in names if name not in _ALL_COLORS]
+    if unknown or not names:
+        raise ValueError(f'colors {unknown or names} are not colours of the generator: {", ".join(_ALL_COLORS)}.')
+    return names
 
 
 def _to_rgb_array(image: ImageLike) -> np.ndarray:
@@ -102,9 +120,9 @@ def _to_rgb_array(image: ImageLike) -> np.ndarray:
     )
 
 
-def _hue_classes(hue: np.ndarray) -> np.ndarray:
-    """Index of the nearest palette colour by circular hue distance, per pixel."""
-    diff = np.abs(hue[..., None] - _PALETTE_HUES)
+def _hue_classes(hue: np.ndarray, colors: tuple[str, ...] = _PALETTE_NAMES) -> np.ndarray:
+    """Index (into ``colors``) of the nearest colour by circular hue distance, per pixel."""
+    diff = np.abs(hue[..., None] - _color_hues(colors))
     return np.minimum(diff, 360.0 - diff).argmin(axis=-1)
 
 
@@ -121,19 +139,21 @@ def foreground_mask(image: ImageLike) -> np.ndarray:
     return (saturation > SATURATION_THRESHOLD) & (value > VALUE_THRESHOLD)
 
 
-def _dominant_color_and_mask(image: ImageLike) -> tuple[str | None, np.ndarray]:
-    """Dominant palette colour and the mask of foreground pixels classified as that colour."""
+def _dominant_color_and_mask(
+    image: ImageLike, colors: tuple[str, ...] = _PALETTE_NAMES
+) -> tuple[str | None, np.ndarray]:
+    """Dominant colour (of ``colors``) and the mask of foreground pixels classified as that colour."""
     hue, saturation, value = _rgb_to_hsv(_to_rgb_array(image))
     foreground = (saturation > SATURATION_THRESHOLD) & (value > VALUE_THRESHOLD)
     if foreground.mean() < MIN_FOREGROUND_FRACTION:
         return None, np.zeros_like(foreground)
-    classes = _hue_classes(hue)
-    votes = np.bincount(classes[foreground], minlength=len(_PALETTE_NAMES))
+    classes = _hue_classes(hue, colors)
+    votes = np.bincount(classes[foreground], minlength=len(colors))
     winner = int(votes.argmax())
-    return _PALETTE_NAMES[winner], foreground & (classes == winner)
+    return colors[winner], foreground & (classes == winner)
 
 
-def dominant_color(image: ImageLike) -> str | None:
+def dominant_color(image: ImageLike, colors: Sequence[str] | None = None) -> str | None:
     """The palette colour most of an image's saturated foreground pixels have.
 
     Foreground pixels (HSV saturation > 0.4, value > 0.25) each vote for the palette colour
@@ -142,12 +162,13 @@ def dominant_color(image: ImageLike) -> str | None:
 
     Args:
         image: PIL image, uint8 ``HxWx3`` array, or float ``3xHxW`` tensor in ``[0, 1]``.
+        colors: The colours to vote among (names of the generator's ``PALETTE`` or ``NEW_COLORS``). Default: the
+            palette.
 
     Returns:
-        A key of :data:`~diffusion.data.synthetic.PALETTE`, or ``None`` when less than 2% of the
-        pixels are foreground.
+        One of ``colors``, or ``None`` when less than 2% of the pixels are foreground.
     """
-    return _dominant_color_and_mask(image)[0]
+    return _dominant_color_and_mask(image, _color_names(colors))[0]
 
 
 @lru_cache(maxsize=4096)
@@ -226,27 +247,29 @@ def _shape_of_mask(mask: np.ndarray) -> str | None:
     return _classify_blob(labels == int(sizes.argmax()) + 1)
 
 
-def _predict(image: ImageLike) -> tuple[str | None, str | None]:
+def _predict(image: ImageLike, colors: tuple[str, ...] = _PALETTE_NAMES) -> tuple[str | None, str | None]:
     """``(dominant_color, dominant_shape)`` sharing one HSV conversion and segmentation."""
-    color, mask = _dominant_color_and_mask(image)
+    color, mask = _dominant_color_and_mask(image, colors)
     return color, (None if color is None else _shape_of_mask(mask))
 
 
-def parse_prompt(prompt: str) -> tuple[str | None, str | None]:
-    """The palette colour and the (singular) shape a prompt mentions.
+def parse_prompt(prompt: str, colors: Sequence[str] | None = None) -> tuple[str | None, str | None]:
+    """The colour (of ``colors``, default the palette) and the (singular) shape a prompt mentions.
 
     Words are matched whole, so "colored" does not match "red"; plurals map to the singular
     shape. When a prompt names several, the first one wins.
 
     Args:
         prompt: A caption-like prompt, e.g. "two large blue squares on a noisy beige background".
+        colors: The colour words to look for. Default: the palette.
 
     Returns:
         ``(color, shape)``, each ``None`` when the prompt does not name one.
     """
+    names = _color_names(colors)
     color = shape = None
     for word in re.findall(r'[a-z]+', prompt.lower()):
-        if color is None and word in PALETTE:
+        if color is None and word in names:
             color = word
         if shape is None and word in _SHAPE_WORDS:
             shape = _SHAPE_WORDS[word]
@@ -257,13 +280,17 @@ def _fraction(hits: list[bool]) -> float:
     return float(np.mean(hits)) if hits else float('nan')
 
 
-def score_prompt_following(images: Iterable[ImageLike], prompts: Sequence[str]) -> dict[str, Any]:
+def score_prompt_following(
+    images: Iterable[ImageLike], prompts: Sequence[str], colors: Sequence[str] | None = None
+) -> dict[str, Any]:
     """Scores how often generated images show the colour and shape their prompts ask for.
 
     Args:
         images: Images (PIL, uint8 ``HxWx3`` arrays, float ``3xHxW`` tensors in ``[0, 1]``, or an
             ``Nx3xHxW`` tensor), one per prompt.
         prompts: The prompts the images were generated from.
+        colors: The colours prompts may name and images are classified among (names of the generator's
+            ``PALETTE`` and ``NEW_COLORS``; :data:`FINETUNE_COLORS` for the fine-tuning demo). Default: the palette.
 
     Returns:
         A dict with ``'color'`` (fraction of colour-naming prompts whose image has that dominant
@@ -278,10 +305,11 @@ def score_prompt_following(images: Iterable[ImageLike], prompts: Sequence[str]) 
     images = list(images)
     if len(images) != len(prompts):
         raise ValueError(f'Got {len(images)} images but {len(prompts)} prompts; expected one image per prompt.')
+    names = _color_names(colors)
     per_image, color_hits, shape_hits = [], [], []
     for image, prompt in zip(images, prompts, strict=True):
-        expected_color, expected_shape = parse_prompt(prompt)
-        predicted_color, predicted_shape = _predict(image)
+        expected_color, expected_shape = parse_prompt(prompt, names)
+        predicted_color, predicted_shape = _predict(image, names)
         if expected_color is not None:
             color_hits.append(predicted_color == expected_color)
         if expected_shape is not None:
