@@ -2,7 +2,7 @@
 
 Three ways to train the same tiny latent-diffusion model (loaded through ``pretrained_components`` from a diffusers
 folder the benchmark writes), on the same batches from the same seed, with the same optimizer (``torch.optim.AdamW``),
-run in one process and in alternation (a, b, c, a, b, c, ...) so that load on the machine falls on all three alike:
+run in one process and in alternation (a, b, c, then b, c, a, ...) so that load on the machine falls on all three alike:
 
     (a) ``bare``: a loop written here on the diffusers modules: VAE encode and text encode without gradients (or the
         precomputed moments and embeddings), DDPM noise, UNet forward, MSE, backward, step, zero_grad. Batches come
@@ -229,8 +229,11 @@ def measure(case: tuple[int, str], rounds: int, steps: int, scratch: str) -> dic
         run(3)
     wall: dict[str, list[float]] = {mode: [] for mode in MODES}
     cpu: dict[str, list[float]] = {mode: [] for mode in MODES}
-    for _ in range(rounds):
-        for mode in MODES:
+    for round_index in range(rounds):
+        # Each round starts with another mode, so that no mode always follows the same one (the caches and the
+        # allocator's free lists the previous mode leaves are shared by all three alike).
+        order = MODES[round_index % len(MODES) :] + MODES[: round_index % len(MODES)]
+        for mode in order:
             marks = runners[mode](steps + 1)
             wall[mode] += [b[0] - a[0] for a, b in zip(marks, marks[1:])]
             cpu[mode] += [b[1] - a[1] for a, b in zip(marks, marks[1:])]
