@@ -9,14 +9,15 @@ layer above, and no chain of imports may lead back to where it started. :data:`L
 4. ``data``: datasets, image decoding, licenses, the batch contract, synthetic data.
 5. ``models``: the ComposerModels and their parts.
 6. ``parallelism``: FSDP set-up and the generic FSDP helpers (parameter names, gathering, full parameters).
-7. ``algorithms``: Composer algorithms (attention backend, gradient checkpointing, compilation, sharded EMA).
+7. ``algorithms``: Composer algorithms (attention backend, gradient checkpointing, compilation, sharded EMA) and
+   ``optim`` (parameter groups, TF32, 8-bit AdamW).
 8. ``evaluation``: the evaluation library (prompt sets, prompt following, image metrics, sample folders).
 9. ``callbacks``: Composer callbacks, which evaluate and export during training.
 10. ``registry``: the named registries that configs pick components from.
 11. ``builders``: config to ``Trainer``.
 12. ``commands``: ``diffusion.train`` and the command-line entry points (``diffusion.pipeline``,
-    ``diffusion.inference``, ``python -m diffusion.evaluation.metrics`` and ``.human_eval``); nothing imports them
-    but each other.
+    ``diffusion.inference``, ``python -m diffusion.evaluation.metrics``, ``.human_eval`` and ``.finetune_report``);
+    nothing imports them but each other.
 
 ``tests/test_layers.py`` checks every import of the package against :data:`LAYERS`, imports inside functions
 included, so a deferred import cannot hide a circle or an upward dependency.
@@ -32,7 +33,7 @@ LAYERS = (
     ('data', ('diffusion.data.*',)),
     ('models', ('diffusion.models.*',)),
     ('parallelism', ('diffusion.parallelism',)),
-    ('algorithms', ('diffusion.algorithms.*',)),
+    ('algorithms', ('diffusion.algorithms.*', 'diffusion.optim')),
     ('evaluation', ('diffusion.evaluation.*',)),
     ('callbacks', ('diffusion.callbacks.*',)),
     ('registry', ('diffusion.registry',)),
@@ -45,6 +46,7 @@ LAYERS = (
             'diffusion.inference.*',
             'diffusion.evaluation.metrics',
             'diffusion.evaluation.human_eval',
+            'diffusion.evaluation.finetune_report',
         ),
     ),
 )
