@@ -4,6 +4,7 @@ model's own ``generate``, the checkpoint trust checks, and the page driven in he
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
 import urllib.request
@@ -15,7 +16,7 @@ from PIL import Image
 
 from diffusion.checkpointing import UntrustedCheckpointError
 from diffusion.inference import app
-from diffusion.inference.export import export_lora, export_model
+from diffusion.inference.export import LORA_WEIGHTS, export_lora, export_model
 from diffusion.inference.loading import load_model
 from diffusion.inference.sample import to_uint8
 from diffusion.models.lora import LoRA
@@ -36,7 +37,9 @@ def with_lora_at(folder: str, scale: float, lora: str):
     """The exported base, loaded anew, with the LoRA file added and scaled by diffusers' own ``set_adapters``."""
     model = load_model(folder)
     pipe = model.pipeline()
-    pipe.load_lora_weights(lora, adapter_name='reference')
+    # The file named: offline (HF_HUB_OFFLINE, as the suite runs) diffusers will not guess it in a folder.
+    folder, name = (lora, LORA_WEIGHTS) if os.path.isdir(lora) else (os.path.dirname(lora), os.path.basename(lora))
+    pipe.load_lora_weights(folder, weight_name=name, adapter_name='reference')
     pipe.set_adapters(['reference'], adapter_weights=[scale])
     return model
 
