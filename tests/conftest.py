@@ -18,6 +18,7 @@ import diffusion.registry  # noqa: F401  (every built-in entry registered before
 from diffusion.config import load_config
 from diffusion.data.synthetic import write_synthetic_dataset
 from diffusion.models import tiny_stable_diffusion, tiny_stable_diffusion_xl
+from diffusion.models.lora import LoRA
 
 # Tests build every model from configs or local folders: any attempt to reach a model hub is a bug.
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -175,6 +176,23 @@ def build_tiny_sd(**overrides):
 def build_tiny_sdxl(**overrides):
     """An SDXL model of test size (16px images, 8x8 latents); ``overrides`` go to the factory."""
     return tiny_stable_diffusion_xl(**TEST_XL, **overrides)
+
+
+def build_adapted(build, seed: int = 0, **lora):
+    """``build()`` after ``torch.manual_seed(seed)``, with a LoRA of rank 2 and alpha 4 (``lora`` goes to
+    :class:`LoRA`, e.g. ``text_encoder=True``) whose B matrices are random, as a trained adapter's are (B starts at
+    zero, which would hide a wrong export or load); in eval mode, its adapter the one in ``model.adapters``."""
+    torch.manual_seed(seed)
+    model = build()
+    adapter = LoRA(rank=2, alpha=4, **lora)
+    adapter.apply(model)
+    model.adapters.append(adapter)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if 'lora_B' in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    return model.eval()
 
 
 @pytest.fixture

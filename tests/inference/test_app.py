@@ -20,7 +20,7 @@ from diffusion.inference.export import LORA_WEIGHTS, export_lora, export_model
 from diffusion.inference.loading import load_model
 from diffusion.inference.sample import to_uint8
 from diffusion.models.lora import LoRA
-from tests.conftest import build_tiny_sd
+from tests.conftest import build_adapted, build_tiny_sd
 
 PROMPT = 'a red circle'
 # Tiny and quick: 3 steps at 32 x 24 (the tiny model's VAE factor is 2, the SD pipeline wants multiples of 8).
@@ -51,17 +51,7 @@ def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp('app')
     torch.manual_seed(0)
     base = build_tiny_sd().eval()
-    torch.manual_seed(0)
-    adapted = build_tiny_sd()
-    adapter = LoRA(rank=2, alpha=4, text_encoder=True)
-    adapter.apply(adapted)
-    adapted.adapters.append(adapter)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in adapted.named_parameters():
-            if 'lora_B' in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-    adapted.eval()
+    adapted = build_adapted(build_tiny_sd, text_encoder=True)
     export_model(base, str(root / 'base'), model_card=False)
     export_lora(adapted, str(root / 'lora'), model_card=False)
     return {'base': str(root / 'base'), 'lora': str(root / 'lora'), 'adapted': adapted, 'root': root}

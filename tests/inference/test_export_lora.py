@@ -6,14 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from diffusion.inference.export import LORA_WEIGHTS, export_lora, export_model
-from diffusion.models.lora import LoRA
-from tests.conftest import build_tiny_sd, build_tiny_sdxl
+from tests.conftest import build_adapted, build_tiny_sd, build_tiny_sdxl
 
 PROMPTS = ['a red circle', 'a blue square']
 
@@ -62,18 +62,8 @@ def plain_diffusers(tmp_path, base, lora_dir, kohya_name, fused) -> dict[str, to
 def test_lora_exports_load_in_plain_diffusers_and_sample_the_models_images(build, text_encoder, tmp_path):
     torch.manual_seed(0)
     base = build().eval()
-    torch.manual_seed(0)
-    model = build()
-    adapter = LoRA(rank=2, alpha=4, text_encoder=text_encoder)
-    adapter.name = 'lora'
-    adapter.apply(model)
-    model.adapters.append(adapter)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # a trained-looking adapter (B starts at zero, which would hide a wrong export)
-        for name, p in model.named_parameters():
-            if 'lora_B' in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-    model.eval()
+    model = build_adapted(build, text_encoder=text_encoder)  # a trained-looking adapter: random B matrices
+    [adapter] = model.adapters
     ours = model.generate(PROMPTS, num_inference_steps=3, seed=0)
     assert not torch.allclose(ours, base.generate(PROMPTS, num_inference_steps=3, seed=0), atol=1e-3)
 
@@ -128,18 +118,7 @@ def test_an_mmdit_lora_loads_in_plain_diffusers_sd3_and_samples_the_models_image
 
     torch.manual_seed(0)
     base = build_tiny_sd3(use_attention_mask=False).eval()  # diffusers' SD3 pipeline runs T5 unmasked
-    torch.manual_seed(0)
-    model = build_tiny_sd3(use_attention_mask=False)
-    adapter = LoRA(rank=2, alpha=4)
-    adapter.name = 'lora'
-    adapter.apply(model)
-    model.adapters.append(adapter)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if 'lora_B' in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-    model.eval()
+    model = build_adapted(partial(build_tiny_sd3, use_attention_mask=False))
     sampling = dict(num_inference_steps=3, seed=0, guidance_scale=3.0, height=16, width=16)
     ours = model.generate(PROMPTS, **sampling)
     assert not torch.allclose(ours, base.generate(PROMPTS, **sampling), atol=1e-3)

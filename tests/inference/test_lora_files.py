@@ -14,24 +14,9 @@ from diffusion.builders import build_model
 from diffusion.inference.export import LORA_WEIGHTS, export_lora
 from diffusion.inference.lora_files import LoraFileError, load_lora
 from diffusion.models.lora import LoRA
-from tests.conftest import build_tiny_sd, build_tiny_sdxl
+from tests.conftest import build_adapted, build_tiny_sd, build_tiny_sdxl
 
 PROMPTS = ['a red circle']
-
-
-def adapted(build, seed=0, **lora):
-    torch.manual_seed(seed)
-    model = build()
-    adapter = LoRA(rank=2, alpha=4, **lora)
-    adapter.name = 'lora'
-    adapter.apply(model)
-    model.adapters.append(adapter)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if 'lora_B' in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-    return model.eval()
 
 
 def base(build=build_tiny_sd, seed=0):
@@ -46,7 +31,7 @@ def has_lora_layers(model) -> bool:
 @pytest.fixture(scope='module')
 def sd2_lora(tmp_path_factory):
     folder = tmp_path_factory.mktemp('lora')
-    model = adapted(build_tiny_sd, text_encoder=True)
+    model = build_adapted(build_tiny_sd, text_encoder=True)
     export_lora(model, str(folder), model_card=False)
     return model, folder
 
@@ -75,7 +60,7 @@ def test_a_file_for_another_base_is_refused_naming_the_file_and_both_bases(sd2_l
 
 def test_a_file_for_another_architecture_is_refused_naming_the_key(tmp_path):
     # An SDXL adapter (32-wide cross-attention) onto an SD2 model (16-wide), without base metadata to catch it first.
-    export_lora(adapted(build_tiny_sdxl), str(tmp_path), model_card=False)
+    export_lora(build_adapted(build_tiny_sdxl), str(tmp_path), model_card=False)
     weights = load_file(tmp_path / LORA_WEIGHTS)
     save_file(weights, tmp_path / 'plain.safetensors')
     target = base()
