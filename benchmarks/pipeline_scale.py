@@ -29,28 +29,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-SCHEMA = pa.schema(
-    [
-        ('jpg', pa.binary()),
-        ('blip2_caption', pa.string()),
-        ('caption', pa.string()),
-        ('title', pa.string()),
-        ('description', pa.string()),
-        ('licensename', pa.string()),
-        ('licenseurl', pa.string()),
-        ('width', pa.int64()),
-        ('height', pa.int64()),
-        ('original_width', pa.int64()),
-        ('original_height', pa.int64()),
-        ('photoid', pa.int64()),
-        ('uid', pa.string()),
-    ]
-)
-LICENSES = [
-    ('Attribution License', 'http://creativecommons.org/licenses/by/2.0/'),
-    ('Attribution-ShareAlike License', 'http://creativecommons.org/licenses/by-sa/2.0/'),
-    ('Attribution-NonCommercial License', 'http://creativecommons.org/licenses/by-nc/2.0/'),
-]
+from diffusion.pipeline.example import COMMONCATALOG_SCHEMA, YFCC_LICENSES
+
+# The columns these files carry: CommonCatalog's, less usertags, exif and sha256.
+SCHEMA = pa.schema([field for field in COMMONCATALOG_SCHEMA if field.name not in ('usertags', 'exif', 'sha256')])
+LICENSES = YFCC_LICENSES[:3]
 ROWS_PER_FILE = 250_000
 
 

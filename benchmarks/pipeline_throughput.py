@@ -27,11 +27,11 @@ import tempfile
 import time
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
 from diffusion.data.images import decode_image, downscale, encode_image
+from diffusion.pipeline.example import write_commoncatalog
 from diffusion.pipeline.filtering import FilterOptions, filter_dataset
 from diffusion.pipeline.images import perceptual_hash
 from diffusion.pipeline.ingest import IngestOptions, ingest
@@ -74,7 +74,7 @@ def write_parquet(path: str, images: list[bytes], width: int, height: int) -> No
         }
         for i, data in enumerate(images)
     ]
-    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=64)
+    write_commoncatalog(path, rows, row_group_size=64)
 
 
 def pil_loop(path: str, max_side: int) -> float:

@@ -20,7 +20,30 @@ import pyarrow.parquet as pq
 
 from diffusion.data.synthetic import render_sample
 
-__all__ = ['write_example']
+__all__ = ['COMMONCATALOG_SCHEMA', 'YFCC_LICENSES', 'write_commoncatalog', 'write_example']
+
+#: The released CommonCatalog's columns (YFCC100M Flickr metadata plus BLIP-2 captions), in its types; the one
+#: definition that the example, the tests' inputs and the pipeline benchmarks write.
+COMMONCATALOG_SCHEMA = pa.schema(
+    [
+        ('jpg', pa.binary()),
+        ('blip2_caption', pa.string()),
+        ('caption', pa.string()),
+        ('title', pa.string()),
+        ('description', pa.string()),
+        ('licensename', pa.string()),
+        ('licenseurl', pa.string()),
+        ('width', pa.int64()),
+        ('height', pa.int64()),
+        ('original_width', pa.int64()),
+        ('original_height', pa.int64()),
+        ('photoid', pa.int64()),
+        ('uid', pa.string()),
+        ('usertags', pa.string()),
+        ('exif', pa.string()),
+        ('sha256', pa.string()),
+    ]
+)
 
 # (licensename, licenseurl) as YFCC100M spells them; CommonCatalog carries these through.
 YFCC_LICENSES = (
@@ -57,6 +80,13 @@ def _row(index: int, jpg: bytes, size: int, license_index: int, caption: str) ->
     }
 
 
+def write_commoncatalog(path: str, rows: Sequence[dict], row_group_size: int = 16) -> str:
+    """Write ``rows`` (dicts with every column of :data:`COMMONCATALOG_SCHEMA`) to the parquet file ``path`` in
+    that schema, ``row_group_size`` rows a row group; returns ``path``."""
+    pq.write_table(pa.Table.from_pylist(list(rows), schema=COMMONCATALOG_SCHEMA), path, row_group_size=row_group_size)
+    return path
+
+
 def write_example(out: str, num_samples: int = 48, image_size: int = 384, seed: int = 0) -> str:
     """Write the example parquet file and tiny BLIP-2 under ``out``; returns the parquet path."""
     rows = []
@@ -74,7 +104,7 @@ def write_example(out: str, num_samples: int = 48, image_size: int = 384, seed: 
     rows += damaged
     path = os.path.join(out, 'commoncatalog', 'part-00000.parquet')
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=16)
+    write_commoncatalog(path, rows, row_group_size=16)
 
     from diffusion.pipeline.captioners import save_tiny_blip2  # transformers is slow to import; only needed here
 

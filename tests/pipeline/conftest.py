@@ -7,41 +7,13 @@ import struct
 import zlib
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-# The released CommonCatalog's columns (YFCC100M Flickr metadata plus BLIP-2 captions), in its types.
-COMMONCATALOG_SCHEMA = pa.schema(
-    [
-        ('jpg', pa.binary()),
-        ('blip2_caption', pa.string()),
-        ('caption', pa.string()),
-        ('title', pa.string()),
-        ('description', pa.string()),
-        ('licensename', pa.string()),
-        ('licenseurl', pa.string()),
-        ('width', pa.int64()),
-        ('height', pa.int64()),
-        ('original_width', pa.int64()),
-        ('original_height', pa.int64()),
-        ('photoid', pa.int64()),
-        ('uid', pa.string()),
-        ('usertags', pa.string()),
-        ('exif', pa.string()),
-        ('sha256', pa.string()),
-    ]
-)
+from diffusion.pipeline import example
 
-# (licensename, licenseurl) as YFCC100M spells them.
-YFCC_LICENSES = [
-    ('Attribution License', 'http://creativecommons.org/licenses/by/2.0/'),
-    ('Attribution-ShareAlike License', 'http://creativecommons.org/licenses/by-sa/2.0/'),
-    ('Attribution-NonCommercial License', 'http://creativecommons.org/licenses/by-nc/2.0/'),
-    ('Attribution-NonCommercial-ShareAlike License', 'http://creativecommons.org/licenses/by-nc-sa/2.0/'),
-    ('Attribution-NoDerivs License', 'http://creativecommons.org/licenses/by-nd/2.0/'),
-]
+# The five YFCC licenses the tests' rows go round (the example's first five).
+LICENSES = example.YFCC_LICENSES[:5]
 
 
 def photo(seed: int, size: tuple[int, int] = (96, 64)) -> Image.Image:
@@ -73,7 +45,7 @@ def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
 
 
 def commoncatalog_row(index: int, image_bytes: bytes, size: tuple[int, int], license_index: int) -> dict:
-    name, url = YFCC_LICENSES[license_index % len(YFCC_LICENSES)]
+    name, url = LICENSES[license_index % len(LICENSES)]
     return {
         'jpg': image_bytes,
         'blip2_caption': f'a synthetic caption number {index}',
@@ -95,8 +67,8 @@ def commoncatalog_row(index: int, image_bytes: bytes, size: tuple[int, int], lic
 
 
 def write_commoncatalog(path: str, rows: list[dict], row_group_size: int = 8) -> str:
-    pq.write_table(pa.Table.from_pylist(rows, schema=COMMONCATALOG_SCHEMA), path, row_group_size=row_group_size)
-    return path
+    """``rows`` as a CommonCatalog parquet file, in row groups of 8 so that a small file has several."""
+    return example.write_commoncatalog(path, rows, row_group_size)
 
 
 @pytest.fixture
