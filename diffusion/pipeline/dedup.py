@@ -154,36 +154,28 @@ class _Reader:
         return pa.Table.from_batches(batches, schema=schema)
 
 
+def _spilled(folder: str, prefix: str) -> Callable[[int], str]:
+    """The names of one pass's spilled files: ``<WORK_DIR>/<folder>/<prefix><index, 6 digits>.arrow``, the prefix
+    saying what the index counts (``b`` a block, ``p`` a partition, ``q`` a band partition)."""
+
+    def name(index: int) -> str:
+        return f'{WORK_DIR}/{folder}/{prefix}{index:06d}.arrow'
+
+    return name
+
+
+_rule_file = _spilled('rules', 'b')
+_group_file = _spilled('groups', 'b')
+_band_file = _spilled('bands', 'p')
+_follow_file = _spilled('follow', 'p')
+_edge_file = _spilled('edges', 'q')
+_near_file = _spilled('near', 'b')
+_follower_fate_file = _spilled('fates', 'p')
+decision_file = _spilled('decisions', 'b')
+
+
 def rule_files(plan: DedupPlan) -> list[str]:
-    return [f'{WORK_DIR}/rules/b{b:06d}.arrow' for b in range(len(plan.blocks))]
-
-
-def _group_file(block: int) -> str:
-    return f'{WORK_DIR}/groups/b{block:06d}.arrow'
-
-
-def _band_file(partition: int) -> str:
-    return f'{WORK_DIR}/bands/p{partition:06d}.arrow'
-
-
-def _follow_file(partition: int) -> str:
-    return f'{WORK_DIR}/follow/p{partition:06d}.arrow'
-
-
-def _edge_file(band_partition: int) -> str:
-    return f'{WORK_DIR}/edges/q{band_partition:06d}.arrow'
-
-
-def _near_file(block: int) -> str:
-    return f'{WORK_DIR}/near/b{block:06d}.arrow'
-
-
-def _follower_fate_file(partition: int) -> str:
-    return f'{WORK_DIR}/fates/p{partition:06d}.arrow'
-
-
-def decision_file(block: int) -> str:
-    return f'{WORK_DIR}/decisions/b{block:06d}.arrow'
+    return [_rule_file(b) for b in range(len(plan.blocks))]
 
 
 def _done(store: OutputDataset, name: str) -> None:
