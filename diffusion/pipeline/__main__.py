@@ -114,10 +114,10 @@ def _runner_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _summary(runner: StageRunner, num_units: int) -> None:
-    stats = runner.unit_stats(list(range(num_units)))
-    kept = sum(sum(s['kept'].values()) for s in stats)
+    kept = 0
     dropped: dict[str, int] = {}
-    for s in stats:
+    for s in runner.unit_stats(list(range(num_units))):  # one unit at a time: the stats list every dropped sample
+        kept += sum(s['kept'].values())
         for reason, by_license in s['dropped'].items():
             dropped[reason] = dropped.get(reason, 0) + sum(by_license.values())
     print(f'{runner.stage}: kept {kept}, dropped {sum(dropped.values())} {json.dumps(dropped, sort_keys=True)}')

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch.distributed as torch_dist
 from tqdm.auto import tqdm
@@ -289,6 +289,8 @@ class StageRunner:
         stats.seconds = time.perf_counter() - start
         self.output.write_text(f'{name}/stats.json', json.dumps(stats.to_dict(), indent=1))
 
-    def unit_stats(self, units: list[int]) -> list[dict[str, Any]]:
-        """The ``stats.json`` of each unit, for the provenance report."""
-        return [self.output.read_json(f'{self.output.unit_name(u)}/stats.json') for u in units]
+    def unit_stats(self, units: list[int]) -> Iterator[dict[str, Any]]:
+        """Yield the ``stats.json`` of each unit, read as it is asked for: each lists its unit's dropped samples, so
+        a list of all of them would grow with the dataset (about 350 bytes per dropped sample)."""
+        for unit in units:
+            yield self.output.read_json(f'{self.output.unit_name(unit)}/stats.json')
