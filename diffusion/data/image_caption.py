@@ -198,6 +198,10 @@ class StreamingImageCaptionDataset(FaultTolerantStreamingDataset):
         crop (str): ``'random'`` or ``'center'`` crop after resizing the short side. Default: ``'random'``.
         random_flip (bool): Flip horizontally with probability 0.5. Default: ``False`` (captions may say
             "left" or "right").
+        hue_jitter (float): Rotate each image's hues by a uniform draw from ``[-hue_jitter, hue_jitter]`` of the
+            hue circle (torchvision's ``adjust_hue``), so that an autoencoder learns to reproduce every colour, not
+            only the ones its data holds (a released VAE reproduces any colour). Not for text-to-image training:
+            the captions name colours the rotated image no longer shows. ``0`` turns it off. Default: ``0.0``.
         image_key (str): Column holding the encoded image. Default: ``'image'``.
         caption_key (str): Column holding the caption. Default: ``'caption'``.
         caption_source (str): Which caption trains: ``'synthetic'`` (``caption_key``, the captioner's caption
@@ -232,6 +236,7 @@ class StreamingImageCaptionDataset(FaultTolerantStreamingDataset):
         resolution: int = 256,
         crop: str = 'random',
         random_flip: bool = False,
+        hue_jitter: float = 0.0,
         image_key: str = 'image',
         caption_key: str = 'caption',
         caption_source: str = 'synthetic',
@@ -253,6 +258,8 @@ class StreamingImageCaptionDataset(FaultTolerantStreamingDataset):
             raise ValueError(f'Unknown caption_source {caption_source!r}. Valid values: {", ".join(CAPTION_SOURCES)}.')
         if not 0.0 <= original_caption_prob <= 1.0:
             raise ValueError(f'original_caption_prob must be in [0, 1], got {original_caption_prob}.')
+        if not 0.0 <= hue_jitter <= 0.5:
+            raise ValueError(f'hue_jitter must be in [0, 0.5] (a fraction of the hue circle), got {hue_jitter}.')
         super().__init__(**streaming_kwargs)
         self.tokenizer = tokenizer
         self.image_key = image_key
@@ -268,6 +275,7 @@ class StreamingImageCaptionDataset(FaultTolerantStreamingDataset):
         self.resolution = resolution
         self.crop = crop
         self.random_flip = random_flip
+        self.hue_jitter = hue_jitter
         self.micro_conditioning = micro_conditioning
         self._bucket: Optional[BucketIndex] = None
 
@@ -312,18 +320,25 @@ class StreamingImageCaptionDataset(FaultTolerantStreamingDataset):
         return out
 
     def _transform(self, image: Image.Image, sample: dict[str, Any], index: int) -> dict[str, Any]:
+        generator = None
         if self._bucket is None and not self.micro_conditioning:
-            return {'image': self.transform(image).clamp_(-1.0, 1.0)}
-        height, width, generator = self.resolution, self.resolution, None
-        if self._bucket is not None:
-            height, width = self._bucket.height, self._bucket.width
-            seed = np.random.SeedSequence([self.shuffle_seed, self._bucket.epoch, index]).generate_state(1)[0]
-            generator = torch.Generator().manual_seed(int(seed))
-        pixels, top_left = resize_and_crop(image, height, width, self.crop, self.random_flip, generator)
-        out = {'image': pixels}
-        if self.micro_conditioning:
-            conditioning = micro_conditioning(sample, (image.height, image.width), top_left, (height, width))
-            out.update({key: torch.tensor(value, dtype=torch.long) for key, value in conditioning.items()})
+            out = {'image': self.transform(image).clamp_(-1.0, 1.0)}
+        else:
+            height, width = self.resolution, self.resolution
+            if self._bucket is not None:
+                height, width = self._bucket.height, self._bucket.width
+                seed = np.random.SeedSequence([self.shuffle_seed, self._bucket.epoch, index]).generate_state(1)[0]
+                generator = torch.Generator().manual_seed(int(seed))
+            pixels, top_left = resize_and_crop(image, height, width, self.crop, self.random_flip, generator)
+            out = {'image': pixels}
+            if self.micro_conditioning:
+                conditioning = micro_conditioning(sample, (image.height, image.width), top_left, (height, width))
+                out.update({key: torch.tensor(value, dtype=torch.long) for key, value in conditioning.items()})
+        if self.hue_jitter:
+            # Drawn after the crop and flip, from the same source, so that they stay as without the jitter.
+            factor = (2.0 * float(torch.rand(1, generator=generator)) - 1.0) * self.hue_jitter
+            rotated = TF.adjust_hue((out['image'] + 1.0) / 2.0, factor)
+            out['image'] = rotated.mul_(2.0).sub_(1.0).clamp_(-1.0, 1.0)
         return out
 
     def _pick_caption(self, sample: dict[str, Any], index: int) -> str:
@@ -351,6 +366,7 @@ def build_image_caption_dataloader(
     resolution: int = 256,
     crop: str = 'random',
     random_flip: bool = False,
+    hue_jitter: float = 0.0,
     shuffle: bool = True,
     shuffle_seed: int = 9176,
     image_key: str = 'image',
@@ -381,7 +397,7 @@ def build_image_caption_dataloader(
         local (str, optional): Local cache folder for a remote dataset.
         batch_size (int): Global batch size, divided evenly across ranks.
         tokenizer (PreTrainedTokenizerBase, optional): Supplied by the trainer from the model.
-        resolution, crop, random_flip, image_key, caption_key, caption_source, original_caption_key,
+        resolution, crop, random_flip, hue_jitter, image_key, caption_key, caption_source, original_caption_key,
             original_caption_prob, caption_seed, min_image_side, max_image_aspect_ratio, micro_conditioning: See
             :class:`StreamingImageCaptionDataset`.
         shuffle (bool): Shuffle samples (deterministic for ``shuffle_seed``). Default: ``True``.
@@ -409,6 +425,7 @@ def build_image_caption_dataloader(
         resolution=resolution,
         crop=crop,
         random_flip=random_flip,
+        hue_jitter=hue_jitter,
         image_key=image_key,
         caption_key=caption_key,
         caption_source=caption_source,

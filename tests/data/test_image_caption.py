@@ -65,6 +65,29 @@ def test_center_crop_is_deterministic_and_random_crop_varies(tmp_path):
     assert len(crops) > 1
 
 
+def test_hue_jitter_rotates_colours_and_keeps_everything_else(synthetic_dataset):
+    """The autoencoder's augmentation: hues turn by up to the given fraction of the circle; the brightness of
+    each pixel (its max over RGB), the caption and the crop stay; 0 turns it off; out of range is refused."""
+    import numpy as np
+
+    plain = StreamingImageCaptionDataset(local=synthetic_dataset, resolution=16, crop='center')
+    jittered = StreamingImageCaptionDataset(local=synthetic_dataset, resolution=16, crop='center', hue_jitter=0.5)
+    torch.manual_seed(0)
+    colours = set()
+    for index in range(12):
+        a, b = plain[index], jittered[index]
+        assert b['captions'] == a['captions'] and b['image'].shape == a['image'].shape
+        assert -1.0 <= float(b['image'].min()) and float(b['image'].max()) <= 1.0
+        # A hue rotation keeps each pixel's HSV value (the max of its channels), up to rounding.
+        assert torch.allclose(b['image'].amax(0), a['image'].amax(0), atol=0.02)
+        colours.add(dominant_color((b['image'] + 1) / 2) == dominant_color((a['image'] + 1) / 2))
+    assert colours == {True, False}  # some objects changed colour, and (by chance of the draw) some not
+    still = StreamingImageCaptionDataset(local=synthetic_dataset, resolution=16, crop='center', hue_jitter=0.0)
+    assert torch.equal(still[3]['image'], plain[3]['image'])
+    with pytest.raises(ValueError, match=r'hue_jitter must be in \[0, 0.5\].*0.7'):
+        StreamingImageCaptionDataset(local=synthetic_dataset, resolution=16, hue_jitter=0.7)
+
+
 def test_dataloader_batches(synthetic_dataset):
     loader = build_image_caption_dataloader(
         synthetic_dataset, batch_size=8, tokenizer=build_clip_tokenizer(), resolution=16, shuffle=False
