@@ -14,6 +14,7 @@ from PIL import Image
 from diffusion.data.fingerprint import fingerprint_local
 from diffusion.data.image_caption import StreamingImageCaptionDataset
 from diffusion.pipeline.__main__ import main
+from diffusion.pipeline.engines import actor_gpus
 from diffusion.pipeline.shards import InputDataset
 from tests.pipeline.conftest import commoncatalog_row, jpeg, photo, png, png_bomb, write_commoncatalog
 
@@ -275,6 +276,13 @@ def test_the_shell_command_reports_a_bad_path_in_one_line(tmp_path):
     message = f'python -m diffusion.pipeline: error: Input dataset folder {tmp_path}/missing does not exist.'
     assert result.stderr.strip() == message
     assert not os.path.exists(tmp_path / 'out')  # nothing is created before the inputs are checked
+
+
+def test_ray_actors_take_gpus_when_the_cluster_has_them():
+    # The cluster decides, not the driver's machine: a driver on a CPU head node still gives the actors their GPUs.
+    assert actor_gpus(None, {'CPU': 64.0, 'GPU': 8.0}) == 1
+    assert actor_gpus(None, {'CPU': 2.0}) == 0
+    assert actor_gpus(0.5, {'CPU': 2.0, 'GPU': 1.0}) == 0.5 and actor_gpus(0, {'GPU': 8.0}) == 0
 
 
 def test_rerun_with_other_settings_needs_overwrite(commoncatalog_parquet, tmp_path):
