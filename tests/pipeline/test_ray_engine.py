@@ -8,15 +8,18 @@ import re
 
 import pytest
 
+from diffusion.data.latents import StreamingLatentDataset
 from diffusion.pipeline.__main__ import main
 from diffusion.pipeline.captioners import save_tiny_blip2
 from diffusion.pipeline.engines import FAULT_ENV
 from tests.pipeline.test_pipeline import read_dataset
+from tests.pipeline.test_precompute import precompute
 
 # One local Ray cluster per module (the fixture), so the tests share one xdist worker; slow: every Ray worker process
 # imports torch and the stack before its first unit.
 pytestmark = [pytest.mark.usefixtures('ray_cluster'), pytest.mark.slow, pytest.mark.xdist_group('ray')]
 
+STAGES = ('ingested', 'filtered', 'captioned', 'precomputed', 'report')
 ENGINES = {'ranks': ['--engine', 'ranks'], 'ray1': ['--engine', 'ray', '--workers', '1'],
            'ray2': ['--engine', 'ray', '--workers', '2']}  # fmt: skip
 
@@ -42,7 +45,7 @@ def tree(root: str, base: str = '') -> dict[str, bytes]:
     return files
 
 
-def stages(parquet: str, out: str, engine: list[str], blip2: str, before_caption=lambda: None) -> None:
+def stages(parquet: str, out: str, engine: list[str], blip2: str, before_caption=lambda: None, latents=True) -> None:
     main(['ingest', '--source', 'commoncatalog', '--input', parquet, '--out', f'{out}/ingested', '--unit-size', '5',
           '--no-progress', *engine])  # fmt: skip
     main(['filter', '--input', f'{out}/ingested', '--out', f'{out}/filtered', '--preset', 'all', '--min-side', '0',
@@ -50,12 +53,15 @@ def stages(parquet: str, out: str, engine: list[str], blip2: str, before_caption
     before_caption()
     main(['caption', '--input', f'{out}/filtered', '--out', f'{out}/captioned', '--model', blip2,
           '--max-new-tokens', '4', '--batch-size', '4', '--no-progress', *engine])  # fmt: skip
+    if latents:  # the test-size SD's VAE and text encoder, built from the tiny yaml as in test_precompute
+        precompute(f'{out}/captioned', f'{out}/precomputed', '--batch-size', '2', *engine)
     main(['report', f'{out}/ingested', f'{out}/filtered', f'{out}/captioned', '--out', f'{out}/report'])
 
 
 def test_ray_with_one_and_two_workers_writes_what_the_ranks_engine_writes(commoncatalog_parquet, tmp_path, monkeypatch):
-    """Ingest, filter, caption and report with each engine; with 2 Ray workers a captioning actor is also killed
-    halfway through a unit (and restarted by Ray), and a rerun after a lost unit redoes that unit alone."""
+    """Ingest, filter, caption, precompute and report with each engine (precompute with 1 Ray worker); with 2 Ray
+    workers a captioning actor is also killed halfway through a unit (and restarted by Ray), and a rerun after a lost
+    unit redoes that unit alone."""
     blip2 = save_tiny_blip2(str(tmp_path / 'tiny-blip2'))
     trees = {}
     marker = tmp_path / 'fault'
@@ -63,14 +69,19 @@ def test_ray_with_one_and_two_workers_writes_what_the_ranks_engine_writes(common
         out = str(tmp_path / name)
         # With 2 workers, a captioning actor dies halfway through its first unit.
         fault = (lambda: monkeypatch.setenv(FAULT_ENV, str(marker))) if name == 'ray2' else (lambda: None)
-        stages(commoncatalog_parquet, out, engine, blip2, before_caption=fault)
+        # Precompute's actor builds the test-size SD (seconds of imports per actor): with 1 Ray worker only.
+        stages(commoncatalog_parquet, out, engine, blip2, before_caption=fault, latents=name != 'ray2')
         monkeypatch.delenv(FAULT_ENV, raising=False)
-        trees[name] = {stage: tree(f'{out}/{stage}') for stage in ('ingested', 'filtered', 'captioned', 'report')}
+        trees[name] = {stage: tree(f'{out}/{stage}') for stage in STAGES if os.path.isdir(f'{out}/{stage}')}
     assert marker.exists(), 'no worker was killed'
     assert int(marker.read_text()) != os.getpid()
     assert len([p for p in trees['ranks']['captioned'] if p.endswith('.mds')]) >= 4
+    # Same samples in the same order with the same bytes, latent columns included: the shard files are equal.
+    assert len([p for p in trees['ranks']['precomputed'] if p.endswith('.mds')]) >= 4
     assert trees['ray1'] == trees['ranks']
-    assert trees['ray2'] == trees['ranks']
+    assert trees['ray2'] == {stage: files for stage, files in trees['ranks'].items() if stage != 'precomputed'}
+    latents = StreamingLatentDataset(local=str(tmp_path / 'ray1' / 'precomputed'))
+    assert len(latents) == 20 and latents[19]['image_latents_mean'].shape == (4, 8, 8)
     captioned = read_dataset(str(tmp_path / 'ray2' / 'captioned'), str(tmp_path / 'cache'))
     assert len(captioned) == 20 and not captioned[0]['caption'].startswith('a synthetic caption')
 
