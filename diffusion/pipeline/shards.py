@@ -12,6 +12,7 @@ Layout of a stage's output folder::
     out/unit-000007/            MDS shards of unit 7 + index.json
     out/unit-000007/samples.jsonl   one line per written sample: key, hashes, license, sizes (no image)
     out/unit-000007/stats.json      counts kept/dropped; written last, so it marks the unit as finished
+    out/_work/                  the filter's spilled global passes while it runs; removed when it succeeds
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ import logging
 import os
 import shutil
 import tempfile
+import urllib.parse
 from typing import Any, Iterator, Optional
 
 from streaming import MDSWriter
 from streaming.base.compression import decompress
 from streaming.base.format import reader_from_json
-from streaming.base.storage import CloudUploader
+from streaming.base.storage import CloudUploader, GCSUploader, OCIUploader, S3Uploader
 from streaming.base.storage.download import CloudDownloader
+from streaming.base.storage.upload import GCSAuthentication
 from streaming.base.util import merge_index
 
 __all__ = [
@@ -74,6 +77,8 @@ SIDE_COLUMNS = (
 DOWNLOAD_TIMEOUT = 300
 # Sub-folder of an output where a stage spills intermediate files of its global passes (the filter's partitions).
 WORK_DIR = '_work'
+# Keys per S3 DeleteObjects request (the API's limit).
+S3_DELETE_BATCH = 1000
 
 
 def is_remote(path: str) -> bool:
@@ -86,6 +91,30 @@ def join(root: str, *parts: str) -> str:
     if is_remote(root):
         return '/'.join([root.rstrip('/'), *parts])
     return os.path.join(root, *parts)
+
+
+def delete_objects(uploader: CloudUploader, bucket: str, keys: list[str]) -> None:
+    """Delete ``keys`` of ``bucket`` with the client of a streaming ``uploader``; streaming itself never deletes."""
+    if isinstance(uploader, S3Uploader):
+        for start in range(0, len(keys), S3_DELETE_BATCH):
+            batch = [{'Key': key} for key in keys[start : start + S3_DELETE_BATCH]]
+            response = uploader.s3.delete_objects(Bucket=bucket, Delete={'Objects': batch, 'Quiet': True})
+            if response.get('Errors'):
+                first = response['Errors'][0]
+                raise OSError(f'Could not delete s3://{bucket}/{first["Key"]}: {first.get("Message", first)}')
+    elif isinstance(uploader, GCSUploader):
+        if uploader.authentication == GCSAuthentication.HMAC:  # GCS's S3 API has no batch delete
+            for key in keys:
+                uploader.gcs_client.delete_object(Bucket=bucket, Key=key)
+        else:
+            uploader.gcs_client.bucket(bucket).delete_blobs(keys)
+    elif isinstance(uploader, OCIUploader):
+        bucket = bucket.split('@' + uploader.namespace)[0]
+        for key in keys:
+            uploader.client.delete_object(uploader.namespace, bucket, key)
+    else:
+        kind = type(uploader).__name__
+        raise NotImplementedError(f'Deleting objects from {uploader.remote} ({kind}) is not supported.')
 
 
 def _fetch(path: str, local: str) -> str:
@@ -222,13 +251,20 @@ class OutputDataset:
         return done
 
     def clear(self) -> None:
-        """Remove an earlier run's units (local folders; remote units are overwritten unit by unit)."""
+        """Remove an earlier run's units, merged index and spilled work files, locally or on object storage.
+
+        On object storage too: a run with other settings must not find the old units' markers (the filter would
+        skip its global passes) nor the old spilled decisions (it would apply them).
+        """
         if not self.remote:
             for name in os.listdir(self.root):
                 if name.startswith('unit-') or name in ('index.json', WORK_DIR):
                     shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
                     if os.path.isfile(os.path.join(self.root, name)):
                         os.remove(os.path.join(self.root, name))
+            return
+        stale = [p for p in self.listing() if p.startswith(('unit-', f'{WORK_DIR}/')) or p == 'index.json']
+        self._delete_remote(stale)
 
     def fetch(self, relative: str) -> str:
         """A local path holding ``root/relative`` (downloaded when remote); ``FileNotFoundError`` when missing."""
@@ -263,9 +299,27 @@ class OutputDataset:
         uploader.upload_file(name)
 
     def remove_work(self) -> None:
-        """Remove the spilled intermediate files of a finished stage (local outputs; remote ones are left)."""
+        """Remove the spilled intermediate files of a finished stage (the ``_work/`` folder or prefix), so that the
+        published output holds only the shards, side tables and stats. Call it after a successful run only: a
+        crashed run keeps them, and its rerun resumes the global passes from them."""
         if not self.remote:
             shutil.rmtree(os.path.join(self.root, WORK_DIR), ignore_errors=True)
+            return
+        prefix = f'{WORK_DIR}/'
+        try:
+            self._delete_remote([p for p in self.listing() if p.startswith(prefix)])
+        except NotImplementedError as error:  # the output is complete: a store we cannot delete from keeps _work/
+            logging.getLogger(__name__).warning('%s; %s/%s is left in place.', error, self.root, WORK_DIR)
+
+    def _delete_remote(self, relatives: list[str]) -> None:
+        """Delete the objects ``root/relative`` from object storage (S3 and S3-compatible stores, GCS, OCI)."""
+        if not relatives:
+            return
+        uploader = self._uploader()
+        base = urllib.parse.urlparse(uploader.remote)
+        bucket, folder = base.netloc, base.path.strip('/')
+        keys = ['/'.join(filter(None, [folder, relative])) for relative in relatives]
+        delete_objects(uploader, bucket, keys)
 
     def writer(self, unit: int, columns: dict[str, str], *, compression: Optional[str], size_limit: str) -> MDSWriter:
         """A fresh ``MDSWriter`` for ``unit``, after removing what a crashed run may have left there."""

@@ -12,7 +12,7 @@ from diffusion.data.latents import StreamingLatentDataset
 from diffusion.pipeline.__main__ import main
 from diffusion.pipeline.captioners import save_tiny_blip2
 from diffusion.pipeline.engines import FAULT_ENV
-from tests.pipeline.test_pipeline import read_dataset
+from tests.pipeline.test_pipeline import read_dataset, s3_keys
 from tests.pipeline.test_precompute import precompute
 
 # One local Ray cluster per module (the fixture), so the tests share one xdist worker; slow: every Ray worker process
@@ -112,3 +112,4 @@ def test_ray_engine_from_s3_parquet_to_s3_shards(s3_server, commoncatalog_parque
     remote = read_dataset('s3://test-bucket/ray/filtered', str(tmp_path / 'c1'))
     expected = read_dataset(f'{local}/filtered', str(tmp_path / 'c2'))
     assert len(expected) == 8 and remote == expected
+    assert s3_keys(s3_server, 'ray/filtered/') and not s3_keys(s3_server, 'ray/filtered/_work/')  # deleted at the end
