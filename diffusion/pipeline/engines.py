@@ -40,7 +40,7 @@ MAX_RETRIES = 3
 # of a CPU-only cluster still leave room for the decode tasks that feed them (whole cores would deadlock).
 CPU_SHARE = 0.5
 # Variables of the driver that its Ray workers need too: object-store endpoints and credentials, hub settings,
-# the fault injection, the import path.
+# the import path.
 FORWARDED_ENV = ('AWS_', 'S3_', 'GCS_', 'GOOGLE_', 'OCI_', 'AZURE_', 'HF_', 'DIFFUSION_', 'PYTHONPATH')
 
 
@@ -84,7 +84,10 @@ def ensure_ray(address: Optional[str] = None) -> Any:
 
 
 def _runtime_env() -> dict[str, Any]:
-    return {'env_vars': {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}}
+    # Not the fault marker: it travels with the work, and Ray keeps worker processes per runtime environment, so a
+    # variable that comes and goes would make Ray start (and import the stack in) new workers for that stage.
+    forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV) and k != FAULT_ENV}
+    return {'env_vars': forwarded}
 
 
 def inject_fault(marker: Optional[str], samples: Iterable[Any]) -> Iterable[Any]:
