@@ -16,7 +16,7 @@ from tests.pipeline.test_pipeline import read_dataset, s3_keys
 from tests.pipeline.test_precompute import precompute
 
 # One local Ray cluster per module (the fixture), so the tests share one xdist worker; slow: every Ray worker process
-# imports torch and the stack before its first unit.
+# imports torch and the stack before its first unit, so the stages are ordered for Ray to reuse warm workers.
 pytestmark = [pytest.mark.usefixtures('ray_cluster'), pytest.mark.slow, pytest.mark.xdist_group('ray')]
 
 STAGES = ('ingested', 'filtered', 'captioned', 'precomputed', 'report')
@@ -45,33 +45,49 @@ def tree(root: str, base: str = '') -> dict[str, bytes]:
     return files
 
 
-def stages(parquet: str, out: str, engine: list[str], blip2: str, before_caption=lambda: None, latents=True) -> None:
-    main(['ingest', '--source', 'commoncatalog', '--input', parquet, '--out', f'{out}/ingested', '--unit-size', '5',
-          '--no-progress', *engine])  # fmt: skip
+def stages(parquet: str, out: str, engine: list[str], blip2: str, *, fault='', resume=False, latents=True) -> None:
+    """Every stage into ``out``; ``fault``: the marker file that kills a captioning actor once; ``resume``: lose a
+    finished ingest unit and rerun; ``latents``: run precompute (the test-size SD from the tiny yaml)."""
+    ingest = ['ingest', '--source', 'commoncatalog', '--input', parquet, '--out', f'{out}/ingested', '--unit-size',
+              '5', '--no-progress', *engine]  # fmt: skip
+    main(ingest)
+    if resume:  # while the workers that ingested are still there
+        redo_a_lost_unit(ingest, f'{out}/ingested')
     main(['filter', '--input', f'{out}/ingested', '--out', f'{out}/filtered', '--preset', 'all', '--min-side', '0',
           '--no-progress', *engine])  # fmt: skip
-    before_caption()
-    main(['caption', '--input', f'{out}/filtered', '--out', f'{out}/captioned', '--model', blip2,
-          '--max-new-tokens', '4', '--batch-size', '4', '--no-progress', *engine])  # fmt: skip
-    if latents:  # the test-size SD's VAE and text encoder, built from the tiny yaml as in test_precompute
+    with pytest.MonkeyPatch.context() as patch:
+        if fault:
+            patch.setenv(FAULT_ENV, fault)
+        main(['caption', '--input', f'{out}/filtered', '--out', f'{out}/captioned', '--model', blip2,
+              '--max-new-tokens', '4', '--batch-size', '4', '--no-progress', *engine])  # fmt: skip
+    if latents:  # batches of 2: units of 5 end in a partial batch
         precompute(f'{out}/captioned', f'{out}/precomputed', '--batch-size', '2', *engine)
     main(['report', f'{out}/ingested', f'{out}/filtered', f'{out}/captioned', '--out', f'{out}/report'])
 
 
-def test_ray_with_one_and_two_workers_writes_what_the_ranks_engine_writes(commoncatalog_parquet, tmp_path, monkeypatch):
+def redo_a_lost_unit(command: list[str], out: str) -> None:
+    """Unit 2 lost its marker (as if killed while writing it): rerunning ``command`` redoes that unit alone."""
+    os.remove(os.path.join(out, 'unit-000002', 'stats.json'))
+    os.remove(os.path.join(out, 'index.json'))
+    mtimes = {u: os.path.getmtime(os.path.join(out, u, 'stats.json')) for u in ('unit-000000', 'unit-000004')}
+    main(command)
+    assert os.path.exists(os.path.join(out, 'unit-000002', 'stats.json'))
+    assert all(os.path.getmtime(os.path.join(out, u, 'stats.json')) == t for u, t in mtimes.items())
+
+
+def test_ray_with_one_and_two_workers_writes_what_the_ranks_engine_writes(commoncatalog_parquet, tmp_path):
     """Ingest, filter, caption, precompute and report with each engine (precompute with 1 Ray worker); with 2 Ray
-    workers a captioning actor is also killed halfway through a unit (and restarted by Ray), and a rerun after a lost
-    unit redoes that unit alone."""
+    workers a finished ingest unit is lost and redone by a rerun, and a captioning actor is killed halfway through a
+    unit (and restarted by Ray). Every file of every stage is the ranks engine's."""
     blip2 = save_tiny_blip2(str(tmp_path / 'tiny-blip2'))
     trees = {}
     marker = tmp_path / 'fault'
     for name, engine in ENGINES.items():
         out = str(tmp_path / name)
-        # With 2 workers, a captioning actor dies halfway through its first unit.
-        fault = (lambda: monkeypatch.setenv(FAULT_ENV, str(marker))) if name == 'ray2' else (lambda: None)
-        # Precompute's actor builds the test-size SD (seconds of imports per actor): with 1 Ray worker only.
-        stages(commoncatalog_parquet, out, engine, blip2, before_caption=fault, latents=name != 'ray2')
-        monkeypatch.delenv(FAULT_ENV, raising=False)
+        ray2 = name == 'ray2'
+        # Precompute's actor imports and builds the model stack (about 30 s here): with 1 Ray worker only.
+        stages(commoncatalog_parquet, out, engine, blip2, fault=str(marker) if ray2 else '', resume=ray2,
+               latents=not ray2)  # fmt: skip
         trees[name] = {stage: tree(f'{out}/{stage}') for stage in STAGES if os.path.isdir(f'{out}/{stage}')}
     assert marker.exists(), 'no worker was killed'
     assert int(marker.read_text()) != os.getpid()
@@ -85,21 +101,11 @@ def test_ray_with_one_and_two_workers_writes_what_the_ranks_engine_writes(common
     captioned = read_dataset(str(tmp_path / 'ray2' / 'captioned'), str(tmp_path / 'cache'))
     assert len(captioned) == 20 and not captioned[0]['caption'].startswith('a synthetic caption')
 
-    # Resume: unit 2 lost its marker (as if killed while writing it); the rerun skips the 4 finished units.
-    out = str(tmp_path / 'ray2' / 'ingested')
-    os.remove(os.path.join(out, 'unit-000002', 'stats.json'))
-    os.remove(os.path.join(out, 'index.json'))
-    mtimes = {u: os.path.getmtime(os.path.join(out, u, 'stats.json')) for u in ('unit-000000', 'unit-000004')}
-    main(['ingest', '--source', 'commoncatalog', '--input', commoncatalog_parquet, '--out', out, '--unit-size', '5',
-          '--no-progress', *ENGINES['ray2']])  # fmt: skip
-    assert os.path.exists(os.path.join(out, 'unit-000002', 'stats.json'))
-    assert all(os.path.getmtime(os.path.join(out, u, 'stats.json')) == t for u, t in mtimes.items())
-    assert tree(out) == trees['ranks']['ingested']
 
-
-def test_ray_engine_from_s3_parquet_to_s3_shards(s3_server, commoncatalog_parquet, tmp_path):
+def test_ray_engine_from_s3_parquet_to_s3_shards(module_s3_server, commoncatalog_parquet, tmp_path):
     import boto3
 
+    s3_server = module_s3_server  # the module's: a server of its own would change the workers' environment
     boto3.client('s3', endpoint_url=s3_server).upload_file(commoncatalog_parquet, 'test-bucket', 'raw/cc-0.parquet')
     local = str(tmp_path / 'local')
     runs = ((local, commoncatalog_parquet, ['--engine', 'ranks']), ('s3://test-bucket/ray', 's3://test-bucket/raw',
