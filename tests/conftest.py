@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
 import subprocess
 import sys
 import urllib.request
+from typing import Iterator
 
 import catalogue
 import numpy as np
@@ -272,11 +274,10 @@ def release_streaming_shared_memory(monkeypatch):
         cleanup()
 
 
-@pytest.fixture
-def s3_server(monkeypatch):
-    """A real S3 API (moto's server mode) on 127.0.0.1 with a bucket ``test-bucket``; yields the endpoint URL."""
-    import socket
-
+@contextlib.contextmanager
+def moto_s3(patch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A real S3 API (moto's server mode) on 127.0.0.1 with a bucket ``test-bucket``, its endpoint and test
+    credentials set in the environment through ``patch``; yields the endpoint URL and stops the server after."""
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -295,7 +296,24 @@ def s3_server(monkeypatch):
         'AWS_DEFAULT_REGION': 'us-east-1',
         'S3_ENDPOINT_URL': endpoint,
     }.items():
-        monkeypatch.setenv(key, value)
+        patch.setenv(key, value)
     boto3.client('s3', endpoint_url=endpoint).create_bucket(Bucket='test-bucket')
-    yield endpoint
-    server.stop()
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A real S3 API (moto's server mode) on 127.0.0.1 with a bucket ``test-bucket``; yields the endpoint URL."""
+    with moto_s3(monkeypatch) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope='module')
+def module_s3_server():
+    """``s3_server`` for a whole test module: one server, its variables set from the module's first test to its
+    last (a Ray cluster started after it gives every worker the same environment)."""
+    with pytest.MonkeyPatch.context() as patch, moto_s3(patch) as endpoint:
+        yield endpoint

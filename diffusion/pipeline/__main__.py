@@ -75,7 +75,9 @@ def _build_parser() -> argparse.ArgumentParser:
     caption_parser.add_argument('--max-new-tokens', type=int, default=30)
     caption_parser.add_argument('--num-beams', type=int, default=1, help='1 is greedy decoding.')
     caption_parser.add_argument('--dtype', default=None, help='float32, float16 or bfloat16 (default by device).')
-    caption_parser.add_argument('--num-gpus', type=float, default=None, help='GPUs per Ray actor (1 if any).')
+    caption_parser.add_argument(
+        '--num-gpus', type=float, default=None, help='GPUs per Ray actor. Default: 1 if the cluster has GPUs.'
+    )
     _add_output_arguments(caption_parser)
 
     precompute_parser = stages.add_parser('precompute', help='Encode images and captions once: latent shards.')
@@ -91,7 +93,9 @@ def _build_parser() -> argparse.ArgumentParser:
     precompute_parser.add_argument('--caption-column', default='caption')
     precompute_parser.add_argument('--batch-size', type=int, default=32)
     precompute_parser.add_argument('--seed', type=int, default=0, help='Seed of the draws with --store sample.')
-    precompute_parser.add_argument('--num-gpus', type=float, default=None, help='GPUs per Ray actor (1 if any).')
+    precompute_parser.add_argument(
+        '--num-gpus', type=float, default=None, help='GPUs per Ray actor. Default: 1 if the cluster has GPUs.'
+    )
     _add_output_arguments(precompute_parser)
 
     report_parser = stages.add_parser('report', help='Provenance report of stage outputs, in pipeline order.')

@@ -81,7 +81,7 @@ def caption_dataset(
 ) -> StageRunner:
     """Run the caption stage from ``input_root`` into ``out`` with the captioner registered as ``captioner``.
 
-    ``num_gpus`` is what each Ray actor asks for (default: 1 when this machine has a GPU, else 0).
+    ``num_gpus`` is what each Ray actor asks for (default: 1 when the Ray cluster has GPUs, else 0).
     """
     captioner_kwargs = dict(captioner_kwargs or {})
     require_input(input_root)
@@ -104,7 +104,7 @@ def caption_dataset(
     work = UnitWork(
         build=build,
         decode=lambda unit: decode_samples(dataset.iter_shard(unit)),
-        num_gpus=(1 if torch.cuda.is_available() else 0) if num_gpus is None else num_gpus,
+        num_gpus=num_gpus,
     )
     runner.run(len(dataset), work, unit_samples=[shard['samples'] for shard in dataset.shards])
     return runner

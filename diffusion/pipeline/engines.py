@@ -21,7 +21,16 @@ import pickle
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-__all__ = ['ENGINES', 'FAULT_ENV', 'UnitWork', 'ensure_ray', 'inject_fault', 'ray_map_tasks', 'ray_run_units']
+__all__ = [
+    'ENGINES',
+    'FAULT_ENV',
+    'UnitWork',
+    'actor_gpus',
+    'ensure_ray',
+    'inject_fault',
+    'ray_map_tasks',
+    'ray_run_units',
+]
 
 ENGINES = ('ranks', 'ray')
 FAULT_ENV = 'DIFFUSION_PIPELINE_FAULT_ONCE'
@@ -31,7 +40,7 @@ MAX_RETRIES = 3
 # of a CPU-only cluster still leave room for the decode tasks that feed them (whole cores would deadlock).
 CPU_SHARE = 0.5
 # Variables of the driver that its Ray workers need too: object-store endpoints and credentials, hub settings,
-# the fault injection, the import path.
+# the import path.
 FORWARDED_ENV = ('AWS_', 'S3_', 'GCS_', 'GOOGLE_', 'OCI_', 'AZURE_', 'HF_', 'DIFFUSION_', 'PYTHONPATH')
 
 
@@ -44,12 +53,21 @@ class UnitWork:
             called once per process (an actor builds its model here).
         decode (callable, optional): ``decode(unit)``, the CPU part (reading, decoding images); its result, which
             must pickle, is passed to ``process``. ``None`` when the stage has no separate decode.
-        num_gpus (float): GPUs per Ray actor. Default: ``0``.
+        num_gpus (float, optional): GPUs per Ray actor; ``None`` for a model stage that takes one GPU per actor when
+            the Ray cluster has GPUs and none on a CPU-only cluster. Default: ``0``.
     """
 
     build: Callable[[], Callable[[int, Any], Iterable[Any]]]
     decode: Optional[Callable[[int], Any]] = None
-    num_gpus: float = 0
+    num_gpus: Optional[float] = 0
+
+
+def actor_gpus(num_gpus: Optional[float], cluster_resources: dict[str, float]) -> float:
+    """GPUs per actor: ``num_gpus``, or for ``None`` one when the cluster has a GPU. The cluster decides, not the
+    driver's machine: a driver on a CPU head node must still give the actors of a GPU cluster their GPUs."""
+    if num_gpus is not None:
+        return num_gpus
+    return 1 if cluster_resources.get('GPU', 0) >= 1 else 0
 
 
 def ensure_ray(address: Optional[str] = None) -> Any:
@@ -66,7 +84,10 @@ def ensure_ray(address: Optional[str] = None) -> Any:
 
 
 def _runtime_env() -> dict[str, Any]:
-    return {'env_vars': {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}}
+    # Not the fault marker: it travels with the work, and Ray keeps worker processes per runtime environment, so a
+    # variable that comes and goes would make Ray start (and import the stack in) new workers for that stage.
+    forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV) and k != FAULT_ENV}
+    return {'env_vars': forwarded}
 
 
 def inject_fault(marker: Optional[str], samples: Iterable[Any]) -> Iterable[Any]:
@@ -126,6 +147,7 @@ def ray_run_units(
 
     if not units:
         return
+    num_gpus = actor_gpus(work.num_gpus, ray.cluster_resources())
     dataset = ray.data.from_items([{'unit': u} for u in units], override_num_blocks=len(units))
     if work.decode is not None:
         dataset = dataset.map_batches(
@@ -137,7 +159,7 @@ def ray_run_units(
             runtime_env=_runtime_env(),
         )
     payload = cloudpickle.dumps((runner, work, os.environ.get(FAULT_ENV)))
-    if work.decode is None and not work.num_gpus:
+    if work.decode is None and not num_gpus:
         dataset = dataset.map_batches(
             _unit_task,
             fn_kwargs={'payload': payload},
@@ -148,15 +170,15 @@ def ray_run_units(
             runtime_env=_runtime_env(),
         )
     else:
-        resource = 'GPU' if work.num_gpus else 'CPU'
-        size = workers or max(1, int(ray.available_resources().get(resource, 1) // max(work.num_gpus, 1)))
+        resource = 'GPU' if num_gpus else 'CPU'
+        size = workers or max(1, int(ray.available_resources().get(resource, 1) // max(num_gpus, 1)))
         dataset = dataset.map_batches(
             _UnitActor,
             fn_constructor_args=(payload,),
             compute=ActorPoolStrategy(size=size),
             batch_size=1,
-            num_cpus=1 if work.num_gpus else CPU_SHARE,
-            num_gpus=work.num_gpus or None,
+            num_cpus=1 if num_gpus else CPU_SHARE,
+            num_gpus=num_gpus or None,
             max_restarts=-1,
             max_task_retries=MAX_RETRIES,
             runtime_env=_runtime_env(),

@@ -152,5 +152,8 @@ def filter_dataset(
         unit_samples=[shard['samples'] for shard in dataset.shards],
         before_units=decide_globally,
     )
-    runner.output.remove_work()
+    # Reached only when every unit finished (a crash keeps _work/ for the rerun to resume from); all ranks are past
+    # the runner's last barrier, so none reads the decisions any more. One rank deletes, locally or on object storage.
+    if runner.ranks.rank == 0:
+        runner.output.remove_work()
     return runner

@@ -132,7 +132,7 @@ def precompute_latents(
         out (str): Output folder or object-store URL.
         config (str): Training yaml whose ``model`` section names the encoders; ``overrides`` as on the command line.
         options (PrecomputeOptions): What is encoded and stored.
-        num_gpus (float, optional): GPUs per Ray actor. Default: 1 when this machine has a GPU, else 0.
+        num_gpus (float, optional): GPUs per Ray actor. Default: 1 when the Ray cluster has GPUs, else 0.
         **runner_kwargs: Passed to :class:`~diffusion.pipeline.runner.StageRunner`.
     """
     require_input(input_root)
@@ -201,7 +201,7 @@ def precompute_latents(
     work = UnitWork(
         build=build,
         decode=decode,
-        num_gpus=(1 if torch.cuda.is_available() else 0) if num_gpus is None else num_gpus,
+        num_gpus=num_gpus,
     )
     runner.run(
         len(dataset),

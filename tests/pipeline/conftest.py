@@ -87,12 +87,22 @@ def commoncatalog_parquet(tmp_path) -> str:
 
 
 @pytest.fixture(scope='module')
-def ray_cluster():
-    """A local Ray cluster for one test module, bounded to 2 CPUs and a small object store; stopped afterwards."""
+def ray_cluster(module_s3_server):
+    """A local Ray cluster for one test module, bounded to 2 CPUs and a small object store; stopped afterwards.
+
+    The module's S3 server starts first, so that its variables are in the environment from the first stage to the
+    last: the engine forwards them to its workers as a runtime environment, and Ray keeps worker processes per
+    runtime environment, so one that changed between stages would make every stage start (and import) new workers.
+    """
     ray = pytest.importorskip('ray')
     pytest.importorskip('ray.data')
 
-    ray.init(num_cpus=2, object_store_memory=150 * 1024**2, include_dashboard=False, log_to_driver=False)
+    # Idle workers are kept for the module: by default Ray kills a worker idle for 1 s while the node has more
+    # workers than CPUs, as it has during a model stage with its actors, and the next stage starts new workers that
+    # import the stack again (about 25 s each here) instead of reusing the ones that had.
+    keep_idle = {'idle_worker_killing_time_threshold_ms': 30 * 60 * 1000}
+    ray.init(num_cpus=2, object_store_memory=150 * 1024**2, include_dashboard=False, log_to_driver=False,
+             _system_config=keep_idle)  # fmt: skip
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

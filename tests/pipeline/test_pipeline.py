@@ -14,6 +14,7 @@ from PIL import Image
 from diffusion.data.fingerprint import fingerprint_local
 from diffusion.data.image_caption import StreamingImageCaptionDataset
 from diffusion.pipeline.__main__ import main
+from diffusion.pipeline.engines import actor_gpus
 from diffusion.pipeline.shards import InputDataset
 from tests.pipeline.conftest import commoncatalog_row, jpeg, photo, png, png_bomb, write_commoncatalog
 
@@ -22,6 +23,14 @@ def read_dataset(root: str, cache: str) -> list[dict]:
     """Every sample of a pipeline output, in order."""
     dataset = InputDataset(root, cache)
     return [sample for shard in range(len(dataset)) for sample in dataset.iter_shard(shard)]
+
+
+def s3_keys(endpoint: str, prefix: str) -> list[str]:
+    """The keys under ``prefix`` of the test bucket."""
+    import boto3
+
+    pages = boto3.client('s3', endpoint_url=endpoint).get_paginator('list_objects_v2')
+    return [o['Key'] for page in pages.paginate(Bucket='test-bucket', Prefix=prefix) for o in page.get('Contents', [])]
 
 
 def dropped(root: str) -> dict[str, int]:
@@ -277,6 +286,13 @@ def test_the_shell_command_reports_a_bad_path_in_one_line(tmp_path):
     assert not os.path.exists(tmp_path / 'out')  # nothing is created before the inputs are checked
 
 
+def test_ray_actors_take_gpus_when_the_cluster_has_them():
+    # The cluster decides, not the driver's machine: a driver on a CPU head node still gives the actors their GPUs.
+    assert actor_gpus(None, {'CPU': 64.0, 'GPU': 8.0}) == 1
+    assert actor_gpus(None, {'CPU': 2.0}) == 0
+    assert actor_gpus(0.5, {'CPU': 2.0, 'GPU': 1.0}) == 0.5 and actor_gpus(0, {'GPU': 8.0}) == 0
+
+
 def test_rerun_with_other_settings_needs_overwrite(commoncatalog_parquet, tmp_path):
     out = str(tmp_path / 'out')
     ingest_commoncatalog(commoncatalog_parquet, out)
@@ -333,6 +349,35 @@ def test_stages_read_and_write_object_storage(s3_server, commoncatalog_parquet, 
     assert len(train) == 8 and train[7]['captions'] == 'a synthetic caption number 16'
     local = read_dataset('s3://test-bucket/filtered', str(tmp_path / 'read'))
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(local[0]['image']))).shape, (64, 96, 3))
+    # The filter's spilled passes are gone once it succeeded: the published output is shards, side tables, stats.
+    assert s3_keys(s3_server, 'filtered/') and not s3_keys(s3_server, 'filtered/_work/')
+
+
+@pytest.mark.remote
+def test_a_failed_filter_on_object_storage_keeps_its_work_for_the_rerun(
+    s3_server, commoncatalog_parquet, tmp_path, monkeypatch
+):
+    from diffusion.pipeline.dedup import BlockDecisions
+
+    ingest_commoncatalog(commoncatalog_parquet, 's3://test-bucket/ingested')
+    command = ['filter', '--input', 's3://test-bucket/ingested', '--out', 's3://test-bucket/filtered',
+               '--no-progress']  # fmt: skip
+
+    def crash(self, row):
+        raise RuntimeError('killed while writing units')
+
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match='killed while writing units'):
+        patch.setattr(BlockDecisions, 'drop_of', crash)  # after the global passes, in the first unit
+        main([*command, '--min-side', '200'])
+    assert s3_keys(s3_server, 'filtered/_work/done/') and not s3_keys(s3_server, 'filtered/index.json')
+    main([*command, '--min-side', '200'])  # resumes from the spilled passes, then deletes them
+    assert len(read_dataset('s3://test-bucket/filtered', str(tmp_path / 'a'))) == 8
+    assert not s3_keys(s3_server, 'filtered/_work/')
+    # Other settings decide afresh: the earlier run's units, markers and decisions are deleted first (a marker left
+    # there made the stage skip its passes, and their decisions, left too, would have been applied).
+    main([*command, '--min-side', '0', '--preset', 'all', '--overwrite'])
+    assert len(read_dataset('s3://test-bucket/filtered', str(tmp_path / 'b'))) == 20
+    assert not s3_keys(s3_server, 'filtered/_work/')
 
 
 def test_example_input_goes_through_ingest_and_filter(tmp_path):
