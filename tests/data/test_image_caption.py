@@ -68,7 +68,6 @@ def test_center_crop_is_deterministic_and_random_crop_varies(tmp_path):
 def test_hue_jitter_rotates_colours_and_keeps_everything_else(synthetic_dataset):
     """The autoencoder's augmentation: hues turn by up to the given fraction of the circle; the brightness of
     each pixel (its max over RGB), the caption and the crop stay; 0 turns it off; out of range is refused."""
-
     plain = StreamingImageCaptionDataset(local=synthetic_dataset, resolution=16, crop='center')
     jittered = StreamingImageCaptionDataset(local=synthetic_dataset, resolution=16, crop='center', hue_jitter=0.5)
     torch.manual_seed(0)
