@@ -354,6 +354,7 @@ def clip(
     pretrained: Optional[str] = None,
     load: Collection[str] = (),
     tokenizer_pad_token: str = '!',
+    tokenizer_max_length: Optional[int] = None,
     caption_drop_prob: float = 0.0,
     train_text_encoder: bool = False,
 ) -> CLIPTextConditioner:
@@ -364,6 +365,10 @@ def clip(
         pretrained (str, optional): A diffusers pipeline folder or hub id.
         load (Collection[str]): Which of ``text_encoder`` and ``tokenizer`` to load from ``pretrained``.
         tokenizer_pad_token (str): Pad token of the offline tokenizer. Default: ``'!'`` (SD2).
+        tokenizer_max_length (int, optional): Tokens per caption, padded or truncated to it, instead of the
+            tokenizer's own (77 for CLIP). Short captions need fewer: the encoder and every cross-attention then
+            work on fewer tokens. It is saved with the tokenizer, so an exported pipeline pads to it as well.
+            At most the encoder's ``max_position_embeddings``. Default: ``None`` (the tokenizer's).
         caption_drop_prob, train_text_encoder: See :class:`TextConditioner`.
     """
     root = pretrained
@@ -373,6 +378,14 @@ def clip(
         if root is not None and 'tokenizer' in load
         else build_clip_tokenizer(pad_token=tokenizer_pad_token)
     )
+    if tokenizer_max_length is not None:
+        positions = encoder.config.max_position_embeddings
+        if not 2 < tokenizer_max_length <= positions:
+            raise ValueError(
+                f'model.tokenizer_max_length must be between 3 and the text encoder\'s {positions} positions,'
+                f' got {tokenizer_max_length}.'
+            )
+        tokenizer.model_max_length = tokenizer_max_length
     return CLIPTextConditioner(
         encoder, tokenizer, caption_drop_prob=caption_drop_prob, train_text_encoder=train_text_encoder
     )

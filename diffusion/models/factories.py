@@ -281,6 +281,7 @@ def build_stable_diffusion(
     pretrained_model_name_or_path: Optional[str] = None,
     pretrained_components: Sequence[str] = ('vae', 'text_encoder', 'tokenizer'),
     tokenizer_pad_token: str = '!',
+    tokenizer_max_length: Optional[int] = None,
     caption_drop_prob: float = 0.0,
     train_text_encoder: bool = False,
     train_vae: bool = False,
@@ -299,6 +300,8 @@ def build_stable_diffusion(
         pretrained_components (Sequence[str]): Which components to load from it. Default: VAE, text encoder
             and tokenizer (the CommonCanvas recipe trains the UNet from scratch).
         tokenizer_pad_token (str): Pad token of the offline tokenizer. Default: ``'!'`` (SD2).
+        tokenizer_max_length (int, optional): Tokens per caption instead of the tokenizer's 77 (fewer for short
+            captions: a cheaper encoder and cross-attention); saved with the tokenizer. Default: ``None``.
         caption_drop_prob (float): Fraction of training captions replaced by the empty caption. Default: ``0.0``.
         train_text_encoder (bool): Train the text encoder too. Default: ``False``.
         train_vae, val_seed: See :class:`StableDiffusion`.
@@ -316,6 +319,7 @@ def build_stable_diffusion(
             'name': 'clip',
             'text_encoder_config': text_encoder_config,
             'tokenizer_pad_token': tokenizer_pad_token,
+            'tokenizer_max_length': tokenizer_max_length,
             'caption_drop_prob': caption_drop_prob,
             'train_text_encoder': train_text_encoder,
         },
