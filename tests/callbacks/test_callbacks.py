@@ -86,6 +86,30 @@ def test_prompt_following_writes_report_grid_and_prints_score(synthetic_dataset,
         assert grid.size == (5 * 16 + 6 * 2, 5 * 16 + 6 * 2)  # 24 images in rows of ceil(sqrt(24)) = 5
 
 
+def test_prompt_following_at_an_interval_ending_the_run_samples_once(synthetic_dataset, tmp_path, capsys):
+    # The interval's last evaluation falls on the final batch: fit end reuses it instead of sampling the same
+    # weights a second time (it wrote the score twice before), and still writes the final grid and report.
+    trainer = build_trainer(
+        tiny_config(
+            synthetic_dataset,
+            str(tmp_path),
+            'max_duration=2ba',
+            'save_folder=null',
+            f'+callbacks.prompt_following={{folder:{tmp_path},seeds:[0],num_inference_steps:2,interval:1ba}}',
+        )
+    )
+    callback = next(c for c in trainer.state.callbacks if isinstance(c, PromptFollowing))
+    sampled = []
+    sample = callback.sample
+    callback.sample = lambda model: sampled.append(1) or sample(model)
+    trainer.fit()
+    assert len(sampled) == 2  # batches 1 and 2; not again at fit end
+    # The score lines of batches 1 and 2, then the run's final score line again (what the demo's output ends on).
+    assert len(re.findall(r'^prompt_following_color: ', capsys.readouterr().out, re.MULTILINE)) == 3
+    assert json.loads((tmp_path / 'demo_results.json').read_text())['batch'] == 2
+    assert (tmp_path / 'samples.png').exists() and (tmp_path / 'samples_batch_0000001.png').exists()
+
+
 def test_save_pretrained_exports_a_loadable_vae_with_calibrated_scale(synthetic_dataset, tmp_path):
     from diffusion.config import validate_config
 
