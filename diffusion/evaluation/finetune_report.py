@@ -55,27 +55,33 @@ _GRID_COLUMNS = 8
 _TRAIN_TIME = re.compile(r'^\[metric\]\[batch=(\d+)\]: time/train: ([0-9.eE+-]+)')
 
 
-def _score(model: Any, prompts_file: str) -> tuple[dict[str, Any], torch.Tensor]:
-    sampler = PromptFollowing(prompts_file=prompts_file, **SAMPLING)
+def _score(model: Any, prompts_file: str, seeds: Sequence[int]) -> tuple[dict[str, Any], torch.Tensor]:
+    sampler = PromptFollowing(prompts_file=prompts_file, **{**SAMPLING, 'seeds': tuple(seeds)})
     with torch.no_grad():
         images, prompts = sampler.sample(model)
     images = images.cpu()
     return score_prompt_following(images, prompts, colors=FINETUNE_COLORS), images
 
 
-def evaluate_model(model: Any) -> tuple[dict[str, Any], torch.Tensor]:
+def evaluate_model(model: Any, seeds: Sequence[int] = SAMPLING['seeds']) -> tuple[dict[str, Any], torch.Tensor]:
     """Scores of ``model`` on the new concept and the old colours, and its grid rows.
+
+    Args:
+        model: The model to sample.
+        seeds (Sequence[int]): Sampling seeds, each prompt drawn once per seed. Default: the demo's two.
 
     Returns:
         ``({'new': <colour score on the new-concept prompts>, 'old': <colour score on the demo prompts>, 'new_shape',
         'old_shape', 'per_image': {...}}, rows)`` where ``rows`` holds the first eight new-concept samples (seed 0)
         and one sample per old colour (its first prompt, seed 0).
     """
-    new, new_images = _score(model, FINETUNE_PROMPTS_PATH)
-    old, old_images = _score(model, DEMO_PROMPTS_PATH)
-    seeds = len(SAMPLING['seeds'])
-    shapes_per_color = len(old_images) // seeds // (len(FINETUNE_COLORS) - 1)
-    rows = torch.cat([new_images[::seeds][:_GRID_COLUMNS], old_images[:: seeds * shapes_per_color][:_GRID_COLUMNS]])
+    new, new_images = _score(model, FINETUNE_PROMPTS_PATH, seeds)
+    old, old_images = _score(model, DEMO_PROMPTS_PATH, seeds)
+    per_prompt = len(seeds)
+    shapes_per_color = len(old_images) // per_prompt // (len(FINETUNE_COLORS) - 1)
+    rows = torch.cat(
+        [new_images[::per_prompt][:_GRID_COLUMNS], old_images[:: per_prompt * shapes_per_color][:_GRID_COLUMNS]]
+    )
     scores = {
         'new': new['color'],
         'old': old['color'],
@@ -174,6 +180,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.add_argument('--base', required=True, help='The base model: a diffusers folder (or a Composer checkpoint).')
     parser.add_argument('--run', action='append', type=_parse_run, default=[], help='NAME=RUN_FOLDER, repeatable.')
     parser.add_argument('--out', required=True, help='Folder for results.json, results.md and samples.png.')
+    parser.add_argument(
+        '--seeds',
+        type=int,
+        nargs='+',
+        default=list(SAMPLING['seeds']),
+        help='Sampling seeds, each prompt drawn once per seed (default: the demo\'s 0 1). More seeds, less noise:'
+        ' with 2, one old-colour image is 0.02 of the score.',
+    )
     args = parser.parse_args(argv)
     from diffusion.inference.loading import load_checkpoint
 
@@ -183,19 +197,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
     base = load_checkpoint(args.base)
-    base_scores, grid = evaluate_model(base.model)
+    base_scores, grid = evaluate_model(base.model, args.seeds)
     base_scores['autoencoder_round_trip'] = autoencoder_round_trip(base.model)
     rows = [grid]
     del base
     results: dict[str, Any] = {
-        'sampling': {**SAMPLING, 'seeds': list(SAMPLING['seeds'])},
+        'sampling': {**SAMPLING, 'seeds': list(args.seeds)},
         'colors': list(FINETUNE_COLORS),
         'base': {'source': args.base, **base_scores},
         'runs': {},
     }
     for name, folder in args.run:
         loaded = load_checkpoint(os.path.join(folder, CHECKPOINT))
-        scores, grid = evaluate_model(loaded.model)
+        scores, grid = evaluate_model(loaded.model, args.seeds)
         rows.append(grid)
         results['runs'][name] = {'batch': loaded.batch, **run_facts(folder, loaded.model), **scores}
         del loaded

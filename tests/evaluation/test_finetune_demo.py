@@ -110,6 +110,7 @@ def test_finetune_runs_start_from_an_export_and_the_report_tabulates_them(tmp_pa
     out = tmp_path / 'report'
     results = finetune_report.main(
         ['--base', base, '--run', f'lora={runs["lora"]}', '--run', f'full={runs["full"]}', '--out', str(out)]
+        + ['--seeds', '0', '1', '2']
     )
     assert json.loads((out / 'results.json').read_text())['runs'].keys() == {'lora', 'full'}
     lora, full = results['runs']['lora'], results['runs']['full']
@@ -118,7 +119,7 @@ def test_finetune_runs_start_from_an_export_and_the_report_tabulates_them(tmp_pa
     assert lora['batch'] == full['batch'] == 2 and lora['minutes'] > 0 and full['minutes'] > 0
     for scores in (results['base'], lora, full):
         assert 0 <= scores['new'] <= 1 and 0 <= scores['old'] <= 1
-        assert scores['num_new_images'] == 24 and scores['num_old_images'] == 48
+        assert scores['num_new_images'] == 3 * 12 and scores['num_old_images'] == 3 * 24  # prompts x seeds
     assert set(results['base']['autoencoder_round_trip']) == {'new', 'old'}
     table = (out / 'results.md').read_text()
     assert table.count('\n| lora | ') == 1 and table.count('\n| full | ') == 1
