@@ -6,7 +6,8 @@ Each phase runs in a fresh interpreter, as a user's run pays it:
 - ``train.py imports``: ``import diffusion.train`` (Composer, diffusers, transformers, the registries);
 - ``config`` / ``model`` / ``dataloader`` / ``trainer`` / ``first step``: the same run built and stepped in one
   process (``load_config``, the model, the streaming dataloader with its shard checks, the Trainer, one batch);
-- ``composer -n 1 train.py`` end to end for one batch (wall time to exit);
+- ``composer -n 1 train.py`` end to end for one batch (wall time to exit), and ``python train.py``, the same
+  one-process run without the launcher (whose import of all of Composer a launched run otherwise pays twice);
 - ``plain diffusers``: a script importing torch, diffusers and transformers, building the same tiny UNet, VAE and
   CLIP text encoder and taking one AdamW step on one batch of random images: the floor a user compares with.
 
@@ -106,6 +107,9 @@ def measure(data: str, work: str) -> dict[str, float]:
     run = os.path.join(work, f'launched_{time.time_ns()}')
     launched = [python, '-m', 'composer.cli.launcher', '-n', '1', 'train.py', YAML, f'run_folder={run}', *overrides]
     row['composer -n 1 train.py (1 batch, to exit)'], _ = _timed(launched, env=env, cwd=REPO)
+    run = os.path.join(work, f'direct_{time.time_ns()}')
+    direct = [python, 'train.py', YAML, f'run_folder={run}', *overrides]
+    row['python train.py (1 batch, to exit)'], _ = _timed(direct, env=env, cwd=REPO)
     from diffusion.models import factories
 
     configs = {
