@@ -21,13 +21,15 @@ demo-data: install
 	$(PY) -m diffusion.data.synthetic --out $(DEMO_DATA)/val --num-samples 256 --seed 1 --image-size 64 --overwrite
 
 # The embedded default: synthetic CC-like data -> tiny autoencoder -> tiny latent diffusion model (the production
-# StableDiffusion class, launched like any run) -> samples.png and the prompt-following score.
+# StableDiffusion class and train.py) -> samples.png and the prompt-following score. Both runs are one process, so
+# train.py runs directly: the same code as `composer -n 1 train.py`, without the launcher, whose own import of all
+# of Composer costs about 15 s on a 2-core machine before train.py imports it again.
 # Each `make demo` is a new run: its run folders are cleared first, since a new run refuses a save folder that holds
 # another run's checkpoints (and the demo's results would otherwise mix with the last one's).
 demo: demo-data
 	rm -rf runs/demo_autoencoder runs/demo
-	$(VENV)/bin/composer -n 1 train.py yamls/demo_autoencoder.yaml
-	$(VENV)/bin/composer -n 1 train.py yamls/demo.yaml
+	$(PY) train.py yamls/demo_autoencoder.yaml
+	$(PY) train.py yamls/demo.yaml
 	@echo "Samples: runs/demo/samples.png   Results: runs/demo/demo_results.json"
 
 # The MMDiT counterpart of `make demo`: the same data and demo autoencoder (trained here unless a previous `make

@@ -152,17 +152,21 @@ def tiny_config(data: str, run_folder: str, *overrides: str):
     )
 
 
-def run_script(script: str, *args: str, processes: int = 1) -> str:
-    """``composer -n <processes> <script> <args>`` from the repo root; asserts success, returns stdout."""
-    command = [*COMPOSER_LAUNCHER, '-n', str(processes), script, *args]
+def run_script(script: str, *args: str, processes: int = 1, launcher: bool = True) -> str:
+    """``composer -n <processes> <script> <args>`` from the repo root (``python <script> <args>`` for one process
+    without the launcher, as ``make demo`` runs train.py); asserts success, returns stdout."""
+    if not launcher and processes != 1:
+        raise ValueError('only a one-process run starts without the launcher')
+    command = [*COMPOSER_LAUNCHER, '-n', str(processes), script, *args] if launcher else [sys.executable, script, *args]
     result = subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
 
-def run_composer(yaml: str, *overrides: str, processes: int = 1) -> str:
-    """``composer -n <processes> train.py <yaml> <overrides>``: a training run as users launch it."""
-    return run_script('train.py', yaml, *overrides, processes=processes)
+def run_composer(yaml: str, *overrides: str, processes: int = 1, launcher: bool = True) -> str:
+    """``composer -n <processes> train.py <yaml> <overrides>``: a training run as users launch it (``launcher=False``:
+    ``python train.py``, the one-process start ``make demo`` uses)."""
+    return run_script('train.py', yaml, *overrides, processes=processes, launcher=launcher)
 
 
 def build_tiny_sd(**overrides):

@@ -1,4 +1,5 @@
-"""`make demo`'s two training steps, through the launcher and the real yamls, at a few batches each."""
+"""`make demo`'s two training steps as it runs them (``python train.py``, one process) on the real yamls, at a few
+batches each."""
 
 import json
 import os
@@ -19,6 +20,7 @@ def test_demo_pipeline_runs_end_to_end(synthetic_dataset, tmp_path):
         'max_duration=4ba',
         f'run_folder={ae_folder}',
         'progress_bar=false',
+        launcher=False,
     )
     vae_config = json.loads((ae_folder / 'pretrained' / 'vae' / 'config.json').read_text())
     assert vae_config['scaling_factor'] != 1.0  # calibrated from the latent statistics
@@ -38,6 +40,7 @@ def test_demo_pipeline_runs_end_to_end(synthetic_dataset, tmp_path):
         'callbacks.log_diffusion_images.num_inference_steps=2',
         'callbacks.prompt_following.seeds=[0]',
         'callbacks.prompt_following.num_inference_steps=2',
+        launcher=False,
     )
     score = re.search(r'^prompt_following_color: (\d\.\d\d)$', out, re.MULTILINE)
     assert score, out[-2000:]
