@@ -185,7 +185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         type=int,
         nargs='+',
         default=list(SAMPLING['seeds']),
-        help='Sampling seeds, each prompt drawn once per seed (default: the demo\'s 0 1). More seeds, less noise:'
+        help="Sampling seeds, each prompt drawn once per seed (default: the demo's 0 1). More seeds, less noise:"
         ' with 2, one old-colour image is 0.02 of the score.',
     )
     args = parser.parse_args(argv)

@@ -382,7 +382,7 @@ def clip(
         positions = encoder.config.max_position_embeddings
         if not 2 < tokenizer_max_length <= positions:
             raise ValueError(
-                f'model.tokenizer_max_length must be between 3 and the text encoder\'s {positions} positions,'
+                f"model.tokenizer_max_length must be between 3 and the text encoder's {positions} positions,"
                 f' got {tokenizer_max_length}.'
             )
         tokenizer.model_max_length = tokenizer_max_length
