@@ -42,7 +42,7 @@ demo-mmdit: demo-data
 	@echo "Samples: runs/demo_mmdit/samples.png   Results: runs/demo_mmdit/demo_results.json"
 
 # After `make demo`: teach its model a colour it never saw ("lime", between yellow and green) from a small synthetic
-# set (30% lime, 70% the eight old colours), once with LoRA and once with full fine-tuning, both starting from the
+# set (half lime, half the eight old colours), once with LoRA and once with full fine-tuning, both starting from the
 # demo model exported as a diffusers folder; then score the new colour and the old eight before and after (four
 # seeds per prompt: with the demo's two, one image is 0.02 of the old colours' score), and print
 # the per-method table (runs/demo_finetune/results.md, results.json, samples.png). DEMO_RUN names the demo's run
@@ -55,7 +55,7 @@ demo-finetune: install
 	rm -rf $(DEMO_FT)
 	$(PY) -m diffusion.inference.export --checkpoint $(DEMO_RUN)/checkpoints/latest-rank0.pt --out $(DEMO_FT)/base
 	$(PY) -m diffusion.data.synthetic --out data/demo_finetune/train --num-samples 2000 --seed 3 --image-size 64 \
-		--new-color lime --new-color-fraction 0.3 --overwrite
+		--new-color lime --new-color-fraction 0.5 --overwrite
 	$(PY) train.py yamls/demo_finetune_lora.yaml
 	$(PY) train.py yamls/demo_finetune_full.yaml
 	$(PY) -m diffusion.evaluation.finetune_report --base $(DEMO_FT)/base --run lora=$(DEMO_FT)/lora \
