@@ -1,6 +1,10 @@
+import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 
+from diffusion.inference.export import export_model
 from diffusion.models.text_encoders import SD2_TEXT_ENCODER_CONFIG, build_clip_tokenizer, build_text_encoder
+from tests.conftest import build_tiny_sd
 
 
 def test_offline_tokenizer_matches_clip_ids():
@@ -28,12 +32,6 @@ def test_sd2_text_encoder_parameter_count_on_meta_device():
 
 
 def test_tokenizer_max_length_shortens_the_conditioning_and_survives_export(tmp_path):
-    import pytest
-    from diffusers import StableDiffusionPipeline
-
-    from diffusion.inference.export import export_model
-    from tests.conftest import build_tiny_sd
-
     torch.manual_seed(0)
     model = build_tiny_sd(tokenizer_max_length=12, train_text_encoder=True)
     batch = {'image': torch.rand(2, 3, 16, 16) * 2 - 1, 'captions': ['a red circle', 'a very long caption ' * 8]}
