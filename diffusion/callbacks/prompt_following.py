@@ -74,9 +74,9 @@ class PromptFollowing(Callback):
         self.grid_columns = grid_columns
         self.use_ema = use_ema
         self.last_result: Optional[dict] = None
-        # (batch, images) of the last evaluation: fit end at a batch the interval just scored reuses them
+        # (batch, images, prompts) of the last evaluation: fit end at a batch the interval just scored reuses them
         # instead of sampling the same weights again.
-        self._last_images: Optional[tuple[int, torch.Tensor]] = None
+        self._last_sampled: Optional[tuple[int, torch.Tensor, list[str]]] = None
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if self.interval is not None and int(state.timestamp.batch) % self.interval.value == 0:
@@ -100,14 +100,14 @@ class PromptFollowing(Callback):
 
     def evaluate(self, state: State, logger: Logger, final: bool = False) -> dict:
         batch = int(state.timestamp.batch)
-        if final and self._last_images is not None and self._last_images[0] == batch and self.last_result:
-            images, result = self._last_images[1], self.last_result  # scored at this batch already
-            prompts = [prompt for prompt in self.prompts for _ in self.seeds]
+        if final and self._last_sampled is not None and self._last_sampled[0] == batch:
+            _, images, prompts = self._last_sampled  # scored at this batch already
+            result = self.last_result
         else:
             with ema_weights(state, self.use_ema) as on_ema:
                 images, prompts = self.sample(unwrap_model(state.model))
             result = {**score_prompt_following(images.cpu(), prompts), 'ema_weights': on_ema}
-            self._last_images = (batch, images)
+            self._last_sampled = (batch, images, prompts)
         logger.log_metrics({'prompt_following/color': result['color'], 'prompt_following/shape': result['shape']})
         self.last_result = result
         if dist.get_global_rank() == 0:

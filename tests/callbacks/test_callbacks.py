@@ -66,16 +66,22 @@ def test_untrained_model_scores_near_chance():
     assert result['color'] <= 0.3
 
 
-def test_prompt_following_writes_report_grid_and_prints_score(synthetic_dataset, tmp_path, capsys):
-    trainer = build_trainer(
+def _prompt_following_trainer(data, folder, batches: int, extra: str = ''):
+    """A tiny run of ``batches`` steps with the prompt-following callback (one seed, 2 sampler steps) into ``folder``;
+    ``extra`` adds callback keys (``',interval:1ba'``)."""
+    return build_trainer(
         tiny_config(
-            synthetic_dataset,
-            str(tmp_path),
-            'max_duration=1ba',
+            data,
+            str(folder),
+            f'max_duration={batches}ba',
             'save_folder=null',
-            f'+callbacks.prompt_following={{folder:{tmp_path},seeds:[0],num_inference_steps:2}}',
+            f'+callbacks.prompt_following={{folder:{folder},seeds:[0],num_inference_steps:2{extra}}}',
         )
     )
+
+
+def test_prompt_following_writes_report_grid_and_prints_score(synthetic_dataset, tmp_path, capsys):
+    trainer = _prompt_following_trainer(synthetic_dataset, tmp_path, 1)
     trainer.fit()
     report = json.loads((tmp_path / 'demo_results.json').read_text())
     assert report['num_images'] == len(load_prompts()) == 24
@@ -89,15 +95,7 @@ def test_prompt_following_writes_report_grid_and_prints_score(synthetic_dataset,
 def test_prompt_following_at_an_interval_ending_the_run_samples_once(synthetic_dataset, tmp_path, capsys):
     # The interval's last evaluation falls on the final batch: fit end reuses it instead of sampling the same
     # weights a second time (it wrote the score twice before), and still writes the final grid and report.
-    trainer = build_trainer(
-        tiny_config(
-            synthetic_dataset,
-            str(tmp_path),
-            'max_duration=2ba',
-            'save_folder=null',
-            f'+callbacks.prompt_following={{folder:{tmp_path},seeds:[0],num_inference_steps:2,interval:1ba}}',
-        )
-    )
+    trainer = _prompt_following_trainer(synthetic_dataset, tmp_path, 2, ',interval:1ba')
     callback = next(c for c in trainer.state.callbacks if isinstance(c, PromptFollowing))
     sampled = []
     sample = callback.sample
