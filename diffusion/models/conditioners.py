@@ -348,6 +348,18 @@ def _encoder(name: str, config: Optional[dict], pretrained: Optional[str], proje
     return build_text_encoder(config, with_projection=projection)
 
 
+def set_tokens_per_caption(tokenizer: Any, length: Optional[int], encoder: nn.Module, key: str) -> None:
+    """Pad and truncate ``tokenizer``'s captions to ``length`` tokens (``model_max_length``, which is saved with
+    the tokenizer, so an exported pipeline pads the same way); ``None`` keeps the tokenizer's own. ``key`` names
+    the config key in the error when ``length`` is outside 3 .. the encoder's ``max_position_embeddings``."""
+    if length is None:
+        return
+    positions = encoder.config.max_position_embeddings
+    if not 2 < length <= positions:
+        raise ValueError(f"{key} must be between 3 and the text encoder's {positions} positions, got {length}.")
+    tokenizer.model_max_length = length
+
+
 def clip(
     text_encoder_config: Optional[dict] = None,
     *,
@@ -378,14 +390,7 @@ def clip(
         if root is not None and 'tokenizer' in load
         else build_clip_tokenizer(pad_token=tokenizer_pad_token)
     )
-    if tokenizer_max_length is not None:
-        positions = encoder.config.max_position_embeddings
-        if not 2 < tokenizer_max_length <= positions:
-            raise ValueError(
-                f"model.tokenizer_max_length must be between 3 and the text encoder's {positions} positions,"
-                f' got {tokenizer_max_length}.'
-            )
-        tokenizer.model_max_length = tokenizer_max_length
+    set_tokens_per_caption(tokenizer, tokenizer_max_length, encoder, 'model.tokenizer_max_length')
     return CLIPTextConditioner(
         encoder, tokenizer, caption_drop_prob=caption_drop_prob, train_text_encoder=train_text_encoder
     )

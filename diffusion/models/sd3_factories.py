@@ -42,6 +42,7 @@ def _build(
     text_encoder_3_config: Optional[dict],
     objective: Union[str, Mapping[str, Any], None],
     max_length: int,
+    clip_max_length: Optional[int],
     use_attention_mask: bool,
     caption_drop_prob: float,
     train_text_encoder: bool,
@@ -56,6 +57,7 @@ def _build(
             'text_encoder_2_config': text_encoder_2_config,
             'text_encoder_3_config': text_encoder_3_config,
             'max_length': max_length,
+            'clip_max_length': clip_max_length,
             'use_attention_mask': use_attention_mask,
             'caption_drop_prob': caption_drop_prob,
             'train_text_encoder': train_text_encoder,
@@ -75,6 +77,7 @@ def stable_diffusion_3(
     *,
     objective: Union[str, Mapping[str, Any], None] = None,
     max_length: int = 256,
+    clip_max_length: Optional[int] = None,
     use_attention_mask: bool = True,
     pretrained_model_name_or_path: Optional[str] = None,
     pretrained_components: Sequence[str] = (
@@ -100,6 +103,8 @@ def stable_diffusion_3(
         text_encoder_3_config (dict, optional): ``T5Config`` fields of T5 v1.1 XXL's encoder.
         objective (str | Mapping, optional): The objective section. Default: rectified flow with shift 3.0.
         max_length (int): T5 tokens per caption. Default: ``256``.
+        clip_max_length (int, optional): Tokens per caption of the two CLIPs instead of 77 (short captions need
+            fewer, and the joint attention then attends over fewer text tokens). Default: ``None`` (77).
         use_attention_mask (bool): Mask T5's padding. Default: ``True``.
         pretrained_model_name_or_path (str, optional): A diffusers SD3 pipeline folder or hub id.
         pretrained_components (Sequence[str]): Which components to load from it. Default: all but the transformer.
@@ -116,6 +121,7 @@ def stable_diffusion_3(
         text_encoder_3_config,
         objective or SD3_OBJECTIVE,
         max_length,
+        clip_max_length,
         use_attention_mask,
         caption_drop_prob,
         train_text_encoder,
@@ -135,6 +141,7 @@ def tiny_stable_diffusion_3(
     *,
     objective: Union[str, Mapping[str, Any], None] = None,
     max_length: int = 32,
+    clip_max_length: Optional[int] = None,
     use_attention_mask: bool = True,
     pretrained_model_name_or_path: Optional[str] = None,
     pretrained_components: Sequence[str] = (),
@@ -157,6 +164,7 @@ def tiny_stable_diffusion_3(
         text_encoder_3_config,
         objective or 'rectified_flow',
         max_length,
+        clip_max_length,
         use_attention_mask,
         caption_drop_prob,
         train_text_encoder,

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 from torch import nn
 
-from diffusion.models.conditioners import TextConditioner, _tokenize
+from diffusion.models.conditioners import TextConditioner, _tokenize, set_tokens_per_caption
 from diffusion.models.t5 import T5_XXL_ENCODER_CONFIG, TINY_T5_CONFIG, build_t5_encoder, build_t5_tokenizer
 from diffusion.models.text_encoders import (
     EOS_TOKEN,
@@ -266,7 +266,7 @@ class SD3TextConditioner(_EmbeddingPrompts, TextConditioner):
         text_encoder (CLIPTextModelWithProjection): CLIP ViT-L/14 text tower.
         text_encoder_2 (CLIPTextModelWithProjection): OpenCLIP ViT-bigG/14 text tower.
         text_encoder_3 (T5EncoderModel): T5 v1.1 XXL encoder.
-        tokenizer, tokenizer_2 (CLIPTokenizer): The CLIP tokenizers (77 tokens).
+        tokenizer, tokenizer_2 (CLIPTokenizer): The CLIP tokenizers (77 tokens, or ``model_max_length``).
         tokenizer_3 (T5TokenizerFast): T5's tokenizer; ``model_max_length`` tokens per caption.
         use_attention_mask (bool): Mask and zero T5's padding. Default: ``True``.
         caption_drop_prob, train_text_encoder: See :class:`~diffusion.models.conditioners.TextConditioner`.
@@ -322,6 +322,13 @@ class SD3TextConditioner(_EmbeddingPrompts, TextConditioner):
 
     def _assemble(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         t5_states = batch['t5_embeds']
+        clip_tokens = self._get('tokenizer').model_max_length
+        if batch['clip_embeds'].shape[1] != clip_tokens:
+            raise ConfigError(
+                f'Invalid model.clip_max_length: the batch holds CLIP embeddings of {batch["clip_embeds"].shape[1]} '
+                f'tokens per caption, this model uses {clip_tokens}; set model.clip_max_length='
+                f'{batch["clip_embeds"].shape[1]} or precompute the shards again with this model.'
+            )
         clip = F.pad(batch['clip_embeds'], (0, t5_states.shape[-1] - batch['clip_embeds'].shape[-1]))
         text = torch.cat([clip.to(t5_states.dtype), t5_states], dim=-2)
         return {'text_embeds': text, 'pooled_text_embeds': batch['pooled_text_embeds']}
@@ -344,7 +351,7 @@ class SD3TextConditioner(_EmbeddingPrompts, TextConditioner):
         )
 
     def encode(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``text_embeds`` (B, 77 + max_length, d_model of T5) and ``pooled_text_embeds`` (B, P_L + P_G)."""
+        """``text_embeds`` (B, CLIP's 77 (or ``clip_max_length``) + max_length, d_model of T5) and ``pooled_text_embeds`` (B, P_L + P_G)."""
         clip_l, clip_g, t5 = (self._get(n) for n in ('text_encoder', 'text_encoder_2', 'text_encoder_3'))
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             first = clip_l(tokens['input_ids'].to(clip_l.device), output_hidden_states=True)
@@ -489,6 +496,7 @@ def sd3(
     *,
     preset: str = 'tiny',
     max_length: int = 256,
+    clip_max_length: Optional[int] = None,
     use_attention_mask: bool = True,
     pretrained: Optional[str] = None,
     load: Collection[str] = (),
@@ -502,6 +510,9 @@ def sd3(
         text_encoder_3_config (dict, optional): ``T5Config`` fields over the preset's.
         preset (str): ``'tiny'`` (CPU) or ``'sd3'`` (the published shapes). Default: ``'tiny'``.
         max_length (int): T5 tokens per caption. Default: ``256`` (SD3).
+        clip_max_length (int, optional): Tokens per caption of both CLIPs instead of their tokenizers' 77 (fewer
+            for short captions: the joint attention then works on fewer text tokens). Saved with the tokenizers;
+            diffusers' SD3 pipeline reads it from the first one. Default: ``None`` (77).
         use_attention_mask (bool): See :class:`SD3TextConditioner`. Default: ``True``.
         pretrained (str, optional): A diffusers SD3 pipeline folder or hub id.
         load (Collection[str]): Which of ``text_encoder[_2, _3]`` and ``tokenizer[_2, _3]`` to load.
@@ -529,6 +540,8 @@ def sd3(
         else build_clip_tokenizer(pad_token=pad)
         for name, pad in (('tokenizer', EOS_TOKEN), ('tokenizer_2', '!'))
     ]
+    for tokenizer, encoder in zip(tokenizers, encoders):
+        set_tokens_per_caption(tokenizer, clip_max_length, encoder, 'model.clip_max_length')
     tokenizers.append(t5_tokenizer)
     return SD3TextConditioner(
         *encoders,

@@ -141,6 +141,27 @@ def test_sd3_conditioner_concatenates_clips_pads_to_t5_width_and_appends_t5():
     torch.testing.assert_close(context[:, 77:], t5_hidden)
 
 
+def test_clip_max_length_shortens_both_clips_and_is_checked_against_precomputed_embeddings():
+    torch.manual_seed(0)
+    model = build_tiny_sd3(clip_max_length=12, train_text_encoder=True)
+    conditioner = model.conditioner
+    tokens = conditioner.tokenize(['a red circle', 'a very long caption ' * 8])
+    assert tokens['input_ids'].shape == tokens['input_ids_2'].shape == (2, 12)  # padded and truncated
+    assert tokens['input_ids_3'].shape == (2, 8)  # T5 keeps its own max_length
+    assert conditioner.conditioning_shapes()['text_embeds'] == (12 + 8, 48)
+    batch = batch_of()
+    assert conditioner.conditioning(batch, False, (16, 16))['text_embeds'].shape == (2, 20, 48)
+    model.loss(model(batch), batch).backward()  # trains with it
+    stored = {k: torch.stack(v) if k != 't5_embeds' else v for k, v in
+              conditioner.stored_text_columns(batch['captions']).items() if k in ('clip_embeds', 'pooled_text_embeds')}
+    assert stored['clip_embeds'].shape == (2, 12, 32)  # precompute stores the 12 CLIP tokens at CLIP's width
+    seventy_seven = {**stored, 'clip_embeds': torch.zeros(2, 77, 32), 't5_embeds': torch.zeros(2, 8, 48)}
+    with pytest.raises(ConfigError, match=r'clip_max_length.*77 tokens per caption, this model uses 12'):
+        conditioner._from_stored(seventy_seven)
+    with pytest.raises(ValueError, match=r"model.clip_max_length must be between 3 and the text encoder's 77 .*got 78"):
+        build_tiny_sd3(clip_max_length=78)
+
+
 def test_shifted_latents_are_scaled_in_one_place_and_decoded_back():
     model = build_tiny_sd3()
     z = torch.randn(2, 16, 8, 8)
