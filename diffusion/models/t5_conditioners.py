@@ -351,7 +351,8 @@ class SD3TextConditioner(_EmbeddingPrompts, TextConditioner):
         )
 
     def encode(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``text_embeds`` (B, CLIP's 77 (or ``clip_max_length``) + max_length, d_model of T5) and ``pooled_text_embeds`` (B, P_L + P_G)."""
+        """``text_embeds`` (B, CLIP's 77 (or ``clip_max_length``) + max_length, d_model of T5) and
+        ``pooled_text_embeds`` (B, P_L + P_G)."""
         clip_l, clip_g, t5 = (self._get(n) for n in ('text_encoder', 'text_encoder_2', 'text_encoder_3'))
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             first = clip_l(tokens['input_ids'].to(clip_l.device), output_hidden_states=True)
