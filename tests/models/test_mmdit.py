@@ -152,8 +152,8 @@ def test_clip_max_length_shortens_both_clips_and_is_checked_against_precomputed_
     batch = batch_of()
     assert conditioner.conditioning(batch, False, (16, 16))['text_embeds'].shape == (2, 20, 48)
     model.loss(model(batch), batch).backward()  # trains with it
-    stored = {k: torch.stack(v) if k != 't5_embeds' else v for k, v in
-              conditioner.stored_text_columns(batch['captions']).items() if k in ('clip_embeds', 'pooled_text_embeds')}
+    columns = conditioner.stored_text_columns(batch['captions'])
+    stored = {k: torch.stack(columns[k]) for k in ('clip_embeds', 'pooled_text_embeds')}
     assert stored['clip_embeds'].shape == (2, 12, 32)  # precompute stores the 12 CLIP tokens at CLIP's width
     seventy_seven = {**stored, 'clip_embeds': torch.zeros(2, 77, 32), 't5_embeds': torch.zeros(2, 8, 48)}
     with pytest.raises(ConfigError, match=r'clip_max_length.*77 tokens per caption, this model uses 12'):
