@@ -37,8 +37,8 @@ demo: demo-data
 demo-mmdit: demo-data
 	rm -rf runs/demo_mmdit
 	test -f runs/demo_autoencoder/pretrained/vae/config.json || \
-		(rm -rf runs/demo_autoencoder && $(VENV)/bin/composer -n 1 train.py yamls/demo_autoencoder.yaml)
-	$(VENV)/bin/composer -n 1 train.py yamls/demo_mmdit.yaml
+		(rm -rf runs/demo_autoencoder && $(PY) train.py yamls/demo_autoencoder.yaml)
+	$(PY) train.py yamls/demo_mmdit.yaml
 	@echo "Samples: runs/demo_mmdit/samples.png   Results: runs/demo_mmdit/demo_results.json"
 
 # After `make demo`: teach its model a colour it never saw ("lime", between yellow and green) from a small synthetic

@@ -48,35 +48,42 @@ from diffusion.evaluation.prompt_following import (
 __all__ = ['CHECKPOINT', 'SAMPLING', 'autoencoder_round_trip', 'evaluate_model', 'markdown_table', 'run_facts', 'main']
 
 #: The demo's sampling (yamls/demo.yaml's prompt_following): the same seeds, guidance and steps.
-SAMPLING = {'seeds': (0, 1), 'guidance_scale': 7.5, 'num_inference_steps': 30}
+SAMPLING = {'seeds': (0, 1), 'guidance_scale': 3.0, 'num_inference_steps': 30}
 #: The checkpoint a run folder's save folder points at.
 CHECKPOINT = os.path.join('checkpoints', 'latest-rank0.pt')
 _GRID_COLUMNS = 8
 _TRAIN_TIME = re.compile(r'^\[metric\]\[batch=(\d+)\]: time/train: ([0-9.eE+-]+)')
 
 
-def _score(model: Any, prompts_file: str, seeds: Sequence[int]) -> tuple[dict[str, Any], torch.Tensor]:
-    sampler = PromptFollowing(prompts_file=prompts_file, **{**SAMPLING, 'seeds': tuple(seeds)})
+def _score(
+    model: Any, prompts_file: str, seeds: Sequence[int], guidance_scale: float
+) -> tuple[dict[str, Any], torch.Tensor]:
+    sampling = {**SAMPLING, 'seeds': tuple(seeds), 'guidance_scale': guidance_scale}
+    sampler = PromptFollowing(prompts_file=prompts_file, **sampling)
     with torch.no_grad():
         images, prompts = sampler.sample(model)
     images = images.cpu()
     return score_prompt_following(images, prompts, colors=FINETUNE_COLORS), images
 
 
-def evaluate_model(model: Any, seeds: Sequence[int] = SAMPLING['seeds']) -> tuple[dict[str, Any], torch.Tensor]:
+def evaluate_model(
+    model: Any, seeds: Sequence[int] = SAMPLING['seeds'], guidance_scale: Optional[float] = None
+) -> tuple[dict[str, Any], torch.Tensor]:
     """Scores of ``model`` on the new concept and the old colours, and its grid rows.
 
     Args:
         model: The model to sample.
         seeds (Sequence[int]): Sampling seeds, each prompt drawn once per seed. Default: the demo's two.
+        guidance_scale (float, optional): Classifier-free guidance. Default: ``None`` (the demo's).
 
     Returns:
         ``({'new': <colour score on the new-concept prompts>, 'old': <colour score on the demo prompts>, 'new_shape',
         'old_shape', 'per_image': {...}}, rows)`` where ``rows`` holds the first eight new-concept samples (seed 0)
         and one sample per old colour (its first prompt, seed 0).
     """
-    new, new_images = _score(model, FINETUNE_PROMPTS_PATH, seeds)
-    old, old_images = _score(model, DEMO_PROMPTS_PATH, seeds)
+    guidance = SAMPLING['guidance_scale'] if guidance_scale is None else guidance_scale
+    new, new_images = _score(model, FINETUNE_PROMPTS_PATH, seeds, guidance)
+    old, old_images = _score(model, DEMO_PROMPTS_PATH, seeds, guidance)
     per_prompt = len(seeds)
     shapes_per_color = len(old_images) // per_prompt // (len(FINETUNE_COLORS) - 1)
     rows = torch.cat(
@@ -188,6 +195,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         help="Sampling seeds, each prompt drawn once per seed (default: the demo's 0 1). More seeds, less noise:"
         ' with 2, one old-colour image is 0.02 of the score.',
     )
+    parser.add_argument(
+        '--guidance-scale',
+        type=float,
+        default=SAMPLING['guidance_scale'],
+        help="Classifier-free guidance of every sample (default: the demo's %(default)s).",
+    )
     args = parser.parse_args(argv)
     from diffusion.inference.loading import load_checkpoint
 
@@ -197,19 +210,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
     base = load_checkpoint(args.base)
-    base_scores, grid = evaluate_model(base.model, args.seeds)
+    base_scores, grid = evaluate_model(base.model, args.seeds, args.guidance_scale)
     base_scores['autoencoder_round_trip'] = autoencoder_round_trip(base.model)
     rows = [grid]
     del base
     results: dict[str, Any] = {
-        'sampling': {**SAMPLING, 'seeds': list(args.seeds)},
+        'sampling': {**SAMPLING, 'seeds': list(args.seeds), 'guidance_scale': args.guidance_scale},
         'colors': list(FINETUNE_COLORS),
         'base': {'source': args.base, **base_scores},
         'runs': {},
     }
     for name, folder in args.run:
         loaded = load_checkpoint(os.path.join(folder, CHECKPOINT))
-        scores, grid = evaluate_model(loaded.model, args.seeds)
+        scores, grid = evaluate_model(loaded.model, args.seeds, args.guidance_scale)
         rows.append(grid)
         results['runs'][name] = {'batch': loaded.batch, **run_facts(folder, loaded.model), **scores}
         del loaded

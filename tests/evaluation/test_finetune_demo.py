@@ -110,9 +110,11 @@ def test_finetune_runs_start_from_an_export_and_the_report_tabulates_them(tmp_pa
     out = tmp_path / 'report'
     results = finetune_report.main(
         ['--base', base, '--run', f'lora={runs["lora"]}', '--run', f'full={runs["full"]}', '--out', str(out)]
-        + ['--seeds', '0', '1', '2']
+        + ['--seeds', '0', '1', '2', '--guidance-scale', '2.0']
     )
-    assert json.loads((out / 'results.json').read_text())['runs'].keys() == {'lora', 'full'}
+    written = json.loads((out / 'results.json').read_text())
+    assert written['runs'].keys() == {'lora', 'full'}
+    assert written['sampling'] == {'seeds': [0, 1, 2], 'guidance_scale': 2.0, 'num_inference_steps': 2}
     lora, full = results['runs']['lora'], results['runs']['full']
     assert 0 < lora['trainable_parameters'] < full['trainable_parameters']
     assert 0 < lora['checkpoint_mb'] < full['checkpoint_mb'] / 3  # adapters only against the model and its moments
