@@ -14,8 +14,8 @@ training saw, :meth:`pipeline_prompt_kwargs` hands the pipeline the embeddings t
   through ``StableDiffusionPipeline``.
 - :class:`SD3TextConditioner`: as SD3's ``encode_prompt``: CLIP-L's and CLIP-G's penultimate hidden states
   concatenated on the channel axis (768 + 1280), zero-padded to T5's width and concatenated with T5's tokens on
-  the sequence axis (77 + max_length tokens); ``pooled_text_embeds`` = both CLIPs' projected pooled outputs
-  concatenated (768 + 1280 = 2048). Sampled through ``StableDiffusion3Pipeline``.
+  the sequence axis (77, or ``clip_max_length``, + max_length tokens); ``pooled_text_embeds`` = both CLIPs'
+  projected pooled outputs concatenated (768 + 1280 = 2048). Sampled through ``StableDiffusion3Pipeline``.
 
 Caption dropout replaces a row's captions by the empty caption (all tokenizers), whose embedding is also what
 sampling uses for an empty negative prompt.
