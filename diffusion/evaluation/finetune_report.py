@@ -67,23 +67,22 @@ def _score(
 
 
 def evaluate_model(
-    model: Any, seeds: Sequence[int] = SAMPLING['seeds'], guidance_scale: Optional[float] = None
+    model: Any, seeds: Sequence[int] = SAMPLING['seeds'], guidance_scale: float = SAMPLING['guidance_scale']
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Scores of ``model`` on the new concept and the old colours, and its grid rows.
 
     Args:
         model: The model to sample.
         seeds (Sequence[int]): Sampling seeds, each prompt drawn once per seed. Default: the demo's two.
-        guidance_scale (float, optional): Classifier-free guidance. Default: ``None`` (the demo's).
+        guidance_scale (float): Classifier-free guidance. Default: the demo's.
 
     Returns:
         ``({'new': <colour score on the new-concept prompts>, 'old': <colour score on the demo prompts>, 'new_shape',
         'old_shape', 'per_image': {...}}, rows)`` where ``rows`` holds the first eight new-concept samples (seed 0)
         and one sample per old colour (its first prompt, seed 0).
     """
-    guidance = SAMPLING['guidance_scale'] if guidance_scale is None else guidance_scale
-    new, new_images = _score(model, FINETUNE_PROMPTS_PATH, seeds, guidance)
-    old, old_images = _score(model, DEMO_PROMPTS_PATH, seeds, guidance)
+    new, new_images = _score(model, FINETUNE_PROMPTS_PATH, seeds, guidance_scale)
+    old, old_images = _score(model, DEMO_PROMPTS_PATH, seeds, guidance_scale)
     per_prompt = len(seeds)
     shapes_per_color = len(old_images) // per_prompt // (len(FINETUNE_COLORS) - 1)
     rows = torch.cat(

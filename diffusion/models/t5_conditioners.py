@@ -321,15 +321,15 @@ class SD3TextConditioner(_EmbeddingPrompts, TextConditioner):
         }
 
     def _assemble(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        t5_states = batch['t5_embeds']
-        clip_tokens = self._get('tokenizer').model_max_length
-        if batch['clip_embeds'].shape[1] != clip_tokens:
+        t5_states, clip_states = batch['t5_embeds'], batch['clip_embeds']
+        stored, clip_tokens = clip_states.shape[1], self._get('tokenizer').model_max_length
+        if stored != clip_tokens:
             raise ConfigError(
-                f'Invalid model.clip_max_length: the batch holds CLIP embeddings of {batch["clip_embeds"].shape[1]} '
-                f'tokens per caption, this model uses {clip_tokens}; set model.clip_max_length='
-                f'{batch["clip_embeds"].shape[1]} or precompute the shards again with this model.'
+                f'Invalid model.clip_max_length: the batch holds CLIP embeddings of {stored} tokens per caption, '
+                f'this model uses {clip_tokens}; set model.clip_max_length={stored} or precompute the shards again '
+                'with this model.'
             )
-        clip = F.pad(batch['clip_embeds'], (0, t5_states.shape[-1] - batch['clip_embeds'].shape[-1]))
+        clip = F.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
         text = torch.cat([clip.to(t5_states.dtype), t5_states], dim=-2)
         return {'text_embeds': text, 'pooled_text_embeds': batch['pooled_text_embeds']}
 
