@@ -16,7 +16,9 @@ run in one process and in alternation (a, b, c, then b, c, a, ...) so that load 
 
 The time of a step is the wall time between the ends of two consecutive steps (so (c) includes fetching and
 decoding its batch); the first step of each chunk is left out. Reported: median ms per step and the ratio to (a),
-for images and for precomputed latents at each resolution.
+for images and for precomputed latents at each resolution, and per step the process's CPU time, its system time
+and its minor page faults (memory the allocator gave back to the kernel and touches again: work (b) can add
+without running one more operator).
 
     python benchmarks/step_overhead.py                          # 32 and 64 px, images and latents
     python benchmarks/step_overhead.py --resolutions 64 --inputs images --rounds 4 --steps 15
@@ -28,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -105,11 +108,23 @@ def config_dict(paths: dict[str, str], inputs: str, resolution: int, full: bool,
     }
 
 
+Mark = tuple[float, float, float, int]
+
+
+def mark() -> Mark:
+    """Wall time, the process's user and system CPU time, and its minor page faults so far.
+
+    System time and page faults tell apart work in the kernel (memory the allocator returns to the system and maps
+    again on the next step) from Python and kernel work in the process's own code."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), usage.ru_utime, usage.ru_stime, usage.ru_minflt
+
+
 class StepClock(Callback):
     """Wall and process CPU time at the end of every training step, and the wall time spent fetching batches."""
 
     def __init__(self) -> None:
-        self.marks: list[tuple[float, float]] = []
+        self.marks: list[Mark] = []
         self.fetch: list[float] = []
         self._fetch_start = 0.0
 
@@ -119,7 +134,7 @@ class StepClock(Callback):
         elif event == Event.AFTER_DATALOADER:
             self.fetch.append(time.perf_counter() - self._fetch_start)
         elif event == Event.BATCH_END:
-            self.marks.append((time.perf_counter(), time.process_time()))
+            self.marks.append(mark())
 
 
 def cycle(batches: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -137,9 +152,7 @@ class InMemory:
         return cycle(self.batches)
 
 
-def bare_runner(
-    paths: dict[str, str], batches: list[dict[str, Any]], inputs: str
-) -> Callable[[int], list[tuple[float, float]]]:
+def bare_runner(paths: dict[str, str], batches: list[dict[str, Any]], inputs: str) -> Callable[[int], list[Mark]]:
     """(a): a training loop on the diffusers modules, loaded from the same folder with the same seed."""
     torch.manual_seed(17)
     unet = UNet2DConditionModel.from_pretrained(paths['pipeline'], subfolder='unet', use_safetensors=True).train()
@@ -170,11 +183,11 @@ def bare_runner(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def run(steps: int) -> list[tuple[float, float]]:
+    def run(steps: int) -> list[Mark]:
         marks = []
         for _ in range(steps):
             step(next(stream))
-            marks.append((time.perf_counter(), time.process_time()))
+            marks.append(mark())
         return marks
 
     return run
@@ -182,7 +195,7 @@ def bare_runner(
 
 def trainer_runner(
     paths: dict[str, str], batches: list[dict[str, Any]], inputs: str, resolution: int, full: bool, scratch: str
-) -> Callable[[int], list[tuple[float, float]]]:
+) -> Callable[[int], list[Mark]]:
     """(b) and (c): ``build_trainer`` as ``train.py`` calls it; (b) is fitted on the in-memory batches."""
     run_folder = tempfile.mkdtemp(dir=scratch)
     trainer = build_trainer(config_dict(paths, inputs, resolution, full, run_folder))
@@ -190,7 +203,7 @@ def trainer_runner(
     trainer.state.callbacks.append(clock)
     memory = None if full else InMemory(batches)
 
-    def run(steps: int) -> list[tuple[float, float]]:
+    def run(steps: int) -> list[Mark]:
         clock.marks, clock.fetch = [], []
         if memory is None:
             trainer.fit(duration=f'{steps}ba')
@@ -227,28 +240,35 @@ def measure(case: tuple[int, str], rounds: int, steps: int, scratch: str) -> dic
     }
     for run in runners.values():  # warm-up: first-call allocations, the streaming iterator
         run(3)
-    wall: dict[str, list[float]] = {mode: [] for mode in MODES}
-    cpu: dict[str, list[float]] = {mode: [] for mode in MODES}
+    # Per step and mode: wall seconds, CPU seconds (user + system), system seconds, minor page faults.
+    steps_of: dict[str, list[tuple[float, float, float, int]]] = {mode: [] for mode in MODES}
     for round_index in range(rounds):
         # Each round starts with another mode, so that no mode always follows the same one (the caches and the
         # allocator's free lists the previous mode leaves are shared by all three alike).
         order = MODES[round_index % len(MODES) :] + MODES[: round_index % len(MODES)]
         for mode in order:
             marks = runners[mode](steps + 1)
-            wall[mode] += [b[0] - a[0] for a, b in zip(marks, marks[1:])]
-            cpu[mode] += [b[1] - a[1] for a, b in zip(marks, marks[1:])]
-    medians = {mode: statistics.median(values) * 1000 for mode, values in wall.items()}
+            steps_of[mode] += [
+                (b[0] - a[0], b[1] + b[2] - a[1] - a[2], b[2] - a[2], b[3] - a[3]) for a, b in zip(marks, marks[1:])
+            ]
+
+    def median(mode: str, column: int, scale: float = 1000.0) -> float:
+        return statistics.median(row[column] for row in steps_of[mode]) * scale
+
+    medians = {mode: median(mode, 0) for mode in MODES}
+    cpu_medians = {mode: median(mode, 1) for mode in MODES}
     fetch = {mode: statistics.median(getattr(runners[mode], 'fetched', None) or [0.0]) * 1000 for mode in MODES}
-    cpu_medians = {mode: statistics.median(values) * 1000 for mode, values in cpu.items()}
     return {
         'resolution': resolution,
         'inputs': inputs,
-        'steps_per_mode': len(wall['bare']),
+        'steps_per_mode': len(steps_of['bare']),
         'ms_per_step': {mode: round(value, 1) for mode, value in medians.items()},
         'ratio_to_bare': {mode: round(value / medians['bare'], 3) for mode, value in medians.items()},
         'fetch_ms_per_step': {mode: round(value, 1) for mode, value in fetch.items()},
         'cpu_ms_per_step': {mode: round(value, 1) for mode, value in cpu_medians.items()},
         'cpu_ratio_to_bare': {mode: round(value / cpu_medians['bare'], 3) for mode, value in cpu_medians.items()},
+        'system_ms_per_step': {mode: round(median(mode, 2), 1) for mode in MODES},
+        'minor_faults_per_step': {mode: round(median(mode, 3, 1.0)) for mode in MODES},
     }
 
 
@@ -272,9 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     print(
         '| px | inputs | (a) bare ms | (b) trainer ms | (c) full ms | (b)/(a) | (c)/(a) | CPU (b)/(a) | CPU (c)/(a) '
-        '| (c) fetch ms |'
+        '| (c) fetch ms | system ms (a) / (b) / (c) | minor faults (a) / (b) / (c) |'
     )
-    print('|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|')
+    print('|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|')
     for resolution in args.resolutions:
         for inputs in args.inputs:
             result = measure((resolution, inputs), args.rounds, args.steps, scratch)
@@ -283,7 +303,9 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f'| {resolution} | {inputs} | {ms["bare"]} | {ms["trainer"]} | {ms["full"]} | '
                 f'{ratio["trainer"]:.3f} | {ratio["full"]:.3f} | {cpu["trainer"]:.3f} | {cpu["full"]:.3f} | '
-                f'{result["fetch_ms_per_step"]["full"]} |',
+                f'{result["fetch_ms_per_step"]["full"]} | '
+                f'{" / ".join(str(result["system_ms_per_step"][mode]) for mode in MODES)} | '
+                f'{" / ".join(str(result["minor_faults_per_step"][mode]) for mode in MODES)} |',
                 flush=True,
             )
     if args.json:
