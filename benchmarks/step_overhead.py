@@ -16,9 +16,10 @@ run in one process and in alternation (a, b, c, then b, c, a, ...) so that load 
 
 The time of a step is the wall time between the ends of two consecutive steps (so (c) includes fetching and
 decoding its batch); the first step of each chunk is left out. Reported: median ms per step and the ratio to (a),
-for images and for precomputed latents at each resolution, and per step the process's CPU time, its system time
-and its minor page faults (memory the allocator gave back to the kernel and touches again: work (b) can add
-without running one more operator).
+for images and for precomputed latents at each resolution; per step, the wall time outside the model's work (a
+step less its forward, loss, backward and optimizer step: the batch fetch and what the loop or framework adds, which
+the run-to-run drift of the operators' own speed does not blur), and the process's CPU time, its system time and
+its minor page faults (memory the allocator gave back to the kernel and touches again).
 
     python benchmarks/step_overhead.py                          # 32 and 64 px, images and latents
     python benchmarks/step_overhead.py --resolutions 64 --inputs images --rounds 4 --steps 15
@@ -108,33 +109,59 @@ def config_dict(paths: dict[str, str], inputs: str, resolution: int, full: bool,
     }
 
 
-Mark = tuple[float, float, float, int]
+Mark = tuple[float, float, float, int, float]
 
 
-def mark() -> Mark:
-    """Wall time, the process's user and system CPU time, and its minor page faults so far.
+def mark(work: float) -> Mark:
+    """Wall time, the process's user and system CPU time, its minor page faults, and ``work`` (the seconds spent so
+    far in the model's forward, loss, backward and optimizer step).
 
     System time and page faults tell apart work in the kernel (memory the allocator returns to the system and maps
-    again on the next step) from Python and kernel work in the process's own code."""
+    again on the next step) from Python and kernel work in the process's own code. A step's wall time less its
+    model work is what the loop around the model costs: the batch fetch and, in (b) and (c), Composer's events,
+    collectives, logging and callbacks. Unlike the ratio of whole steps, it does not move with the few percent by
+    which the same operators run faster or slower from one stretch of time to the next on a shared VM."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return time.perf_counter(), usage.ru_utime, usage.ru_stime, usage.ru_minflt
+    return time.perf_counter(), usage.ru_utime, usage.ru_stime, usage.ru_minflt, work
 
 
 class StepClock(Callback):
-    """Wall and process CPU time at the end of every training step, and the wall time spent fetching batches."""
+    """Marks at the end of every training step, the wall time spent fetching batches, and the model's work: the
+    time between Composer's BEFORE/AFTER_FORWARD, BEFORE/AFTER_LOSS and BEFORE/AFTER_BACKWARD events, and the
+    optimizer's weight update (timed by torch's optimizer step hooks, as Composer runs no event around it)."""
 
-    def __init__(self) -> None:
+    PAIRS = {Event.AFTER_FORWARD: Event.BEFORE_FORWARD, Event.AFTER_LOSS: Event.BEFORE_LOSS,
+             Event.AFTER_BACKWARD: Event.BEFORE_BACKWARD}  # fmt: skip
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.marks: list[Mark] = []
         self.fetch: list[float] = []
-        self._fetch_start = 0.0
+        self.work = 0.0
+        self._started: dict[Any, float] = {}
+        self._update_start = 0.0
+        optimizer.register_step_pre_hook(lambda *_: self._mark_update_start())
+        optimizer.register_step_post_hook(lambda *_: self._add_update())
+
+    def _mark_update_start(self) -> None:
+        self._update_start = time.perf_counter()
+
+    def _add_update(self) -> None:
+        # Composer passes the forward and backward to the optimizer's step as its closure (fp32, bf16), which ends
+        # with AFTER_TRAIN_BATCH: the weight update is what follows it.
+        self.work += time.perf_counter() - self._update_start
 
     def run_event(self, event: Event, state, logger) -> None:
-        if event == Event.BEFORE_DATALOADER:
-            self._fetch_start = time.perf_counter()
+        now = time.perf_counter()
+        if event == Event.BEFORE_DATALOADER or event in self.PAIRS.values():
+            self._started[event] = now
         elif event == Event.AFTER_DATALOADER:
-            self.fetch.append(time.perf_counter() - self._fetch_start)
+            self.fetch.append(now - self._started.pop(Event.BEFORE_DATALOADER))
+        elif event in self.PAIRS:
+            self.work += now - self._started.pop(self.PAIRS[event])
+        elif event == Event.AFTER_TRAIN_BATCH:
+            self._update_start = now
         elif event == Event.BATCH_END:
-            self.marks.append(mark())
+            self.marks.append(mark(self.work))
 
 
 def cycle(batches: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -164,8 +191,11 @@ def bare_runner(paths: dict[str, str], batches: list[dict[str, Any]], inputs: st
     scheduler = DDPMScheduler.from_pretrained(paths['pipeline'], subfolder='scheduler')
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1.0e-4)
     stream = cycle(batches)
+    work = 0.0
 
     def step(batch: dict[str, Any]) -> None:
+        nonlocal work
+        start = time.perf_counter()
         with torch.no_grad():
             if inputs == 'images':
                 moments = vae.encode(batch['image']).latent_dist
@@ -181,13 +211,14 @@ def bare_runner(paths: dict[str, str], batches: list[dict[str, Any]], inputs: st
         prediction = unet(noisy, timesteps, text_embeds).sample
         F.mse_loss(prediction.float(), noise.float()).backward()
         optimizer.step()
+        work += time.perf_counter() - start
         optimizer.zero_grad(set_to_none=True)
 
     def run(steps: int) -> list[Mark]:
         marks = []
         for _ in range(steps):
             step(next(stream))
-            marks.append(mark())
+            marks.append(mark(work))
         return marks
 
     return run
@@ -199,7 +230,7 @@ def trainer_runner(
     """(b) and (c): ``build_trainer`` as ``train.py`` calls it; (b) is fitted on the in-memory batches."""
     run_folder = tempfile.mkdtemp(dir=scratch)
     trainer = build_trainer(config_dict(paths, inputs, resolution, full, run_folder))
-    clock = StepClock()
+    clock = StepClock(trainer.state.optimizers[0])
     trainer.state.callbacks.append(clock)
     memory = None if full else InMemory(batches)
 
@@ -240,8 +271,9 @@ def measure(case: tuple[int, str], rounds: int, steps: int, scratch: str) -> dic
     }
     for run in runners.values():  # warm-up: first-call allocations, the streaming iterator
         run(3)
-    # Per step and mode: wall seconds, CPU seconds (user + system), system seconds, minor page faults.
-    steps_of: dict[str, list[tuple[float, float, float, int]]] = {mode: [] for mode in MODES}
+    # Per step and mode: wall seconds, CPU seconds (user + system), system seconds, minor page faults, and the wall
+    # seconds outside the model's work (the loop's own: fetch, framework, callbacks).
+    steps_of: dict[str, list[tuple[float, float, float, int, float]]] = {mode: [] for mode in MODES}
     for round_index in range(rounds):
         # Each round starts with another mode, so that no mode always follows the same one (the caches and the
         # allocator's free lists the previous mode leaves are shared by all three alike).
@@ -249,7 +281,8 @@ def measure(case: tuple[int, str], rounds: int, steps: int, scratch: str) -> dic
         for mode in order:
             marks = runners[mode](steps + 1)
             steps_of[mode] += [
-                (b[0] - a[0], b[1] + b[2] - a[1] - a[2], b[2] - a[2], b[3] - a[3]) for a, b in zip(marks, marks[1:])
+                (b[0] - a[0], b[1] + b[2] - a[1] - a[2], b[2] - a[2], b[3] - a[3], b[0] - a[0] - (b[4] - a[4]))
+                for a, b in zip(marks, marks[1:])
             ]
 
     def median(mode: str, column: int, scale: float = 1000.0) -> float:
@@ -269,6 +302,10 @@ def measure(case: tuple[int, str], rounds: int, steps: int, scratch: str) -> dic
         'cpu_ratio_to_bare': {mode: round(value / cpu_medians['bare'], 3) for mode, value in cpu_medians.items()},
         'system_ms_per_step': {mode: round(median(mode, 2), 1) for mode in MODES},
         'minor_faults_per_step': {mode: round(median(mode, 3, 1.0)) for mode in MODES},
+        'outside_model_ms_per_step': {mode: round(median(mode, 4), 1) for mode in MODES},
+        'model_work_ms_per_step': {
+            mode: round(statistics.median(r[0] - r[4] for r in steps_of[mode]) * 1000, 1) for mode in MODES
+        },
     }
 
 
@@ -292,9 +329,10 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     print(
         '| px | inputs | (a) bare ms | (b) trainer ms | (c) full ms | (b)/(a) | (c)/(a) | CPU (b)/(a) | CPU (c)/(a) '
-        '| (c) fetch ms | system ms (a) / (b) / (c) | minor faults (a) / (b) / (c) |'
+        '| (c) fetch ms | outside the model ms (a) / (b) / (c) | model work ms (a) / (b) / (c) '
+        '| system ms (a) / (b) / (c) | minor faults (a) / (b) / (c) |'
     )
-    print('|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|')
+    print('|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|')
     for resolution in args.resolutions:
         for inputs in args.inputs:
             result = measure((resolution, inputs), args.rounds, args.steps, scratch)
@@ -304,6 +342,8 @@ def main(argv: list[str] | None = None) -> None:
                 f'| {resolution} | {inputs} | {ms["bare"]} | {ms["trainer"]} | {ms["full"]} | '
                 f'{ratio["trainer"]:.3f} | {ratio["full"]:.3f} | {cpu["trainer"]:.3f} | {cpu["full"]:.3f} | '
                 f'{result["fetch_ms_per_step"]["full"]} | '
+                f'{" / ".join(str(result["outside_model_ms_per_step"][mode]) for mode in MODES)} | '
+                f'{" / ".join(str(result["model_work_ms_per_step"][mode]) for mode in MODES)} | '
                 f'{" / ".join(str(result["system_ms_per_step"][mode]) for mode in MODES)} | '
                 f'{" / ".join(str(result["minor_faults_per_step"][mode]) for mode in MODES)} |',
                 flush=True,
