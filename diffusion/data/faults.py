@@ -7,7 +7,9 @@ Builds on ``streaming.StreamingDataset`` (mosaicml-streaming 0.13), changing thr
 * A shard that cannot be fetched fails with its name. Streaming downloads in a background thread whose exception
   only sets a flag: the epoch then ends early *without an error* (none of its samples at all when the first shard
   is missing), and the next epoch raises "Background thread failed. Check other traceback." Here the iterator raises
-  :class:`ShardDownloadError` naming the shard, the remote and the attempts made.
+  :class:`ShardDownloadError` naming the shard, the remote and the attempts made. With DataLoader workers,
+  streaming's thread that waits for a shard another worker is downloading waits forever when that download fails;
+  here it tries the shard itself and fails with the same error.
 * A sample that cannot train (an image that does not decode, an empty caption, text that is not UTF-8, ...) is
   replaced by the next usable one (index + 1, wrapping; streaming itself has no skip). The choice depends on the
   data alone, so it is the same on every rank, worker, run and resumption, and batches keep their size. Each
@@ -19,6 +21,15 @@ It records which data it reads: its resumption state (``state_dict``, which Comp
 dataset's fingerprint (:mod:`diffusion.data.fingerprint`: per stream, the SHA-256 of ``index.json`` and the sample
 count), and ``load_state_dict`` refuses a checkpoint taken on other data, naming the stream and both values, unless
 ``allow_changed_data`` is set. Streaming alone resumes on added or removed shards without a word.
+
+A local dataset read in place skips streaming's per-sample bookkeeping threads. Each epoch, streaming starts a
+"prepare" thread (download each sample's shard) and a "ready" thread (wait until it is local) that walk the samples
+a few at a time behind the training loop, taking a file lock and checking files per sample. When every shard is
+already local, uncompressed and cannot be evicted (no ``cache_limit``), they have nothing to do, yet on a small
+machine their per-sample work contends with the loop's own for the interpreter: on a 2-core VM, reading a whole
+epoch in batches of 16 took 37.2 ms a batch with them and 16.5 ms without (32 px images; precomputed latents 22.3
+and 7.8 ms). There they mark the epoch's samples ready at once and exit; a shard file that disappears later still
+fails in ``get_item``, naming the shard.
 
 It also guards the license subset a run may train on: with ``license_preset`` (``'commercial'`` for the -C models),
 every sample's ``license`` column is checked against the pipeline's preset when it is read, and a sample outside
@@ -37,6 +48,7 @@ from typing import Any, Optional
 
 from composer.utils import dist
 from streaming import StreamingDataset
+from streaming.base.constant import TICK
 from streaming.base.dataset import _ShardState
 from streaming.base.format.base.reader import Reader
 
@@ -129,6 +141,7 @@ class FaultTolerantStreamingDataset(StreamingDataset):
         if verify_local_shards:
             self._verify_local_shards()
         self.allow_changed_data = allow_changed_data
+        self._nothing_to_prepare = self._shards_local_in_place()
         # Taken now, from the index.json files streaming just read: what this run trains on.
         self._fingerprint = [fingerprint_local(_local_dir(stream), _where(stream)) for stream in self.streams]
 
@@ -276,6 +289,51 @@ class FaultTolerantStreamingDataset(StreamingDataset):
                 # exited, and the iterator's exit() would then wait for it forever once the epoch's loop ends.
                 iterator.on_exit()
             raise failure from error
+
+    def _shards_local_in_place(self) -> bool:
+        """Whether every shard is read where it lies, uncompressed, and cannot be evicted: nothing to prepare."""
+        if self.cache_limit or not all(_in_place(stream) for stream in self.streams):
+            return False
+        for stream_id, stream in enumerate(self.streams):
+            for shard in self._stream_shards(stream_id):
+                for raw_info, _ in shard.file_pairs:
+                    if not os.path.isfile(os.path.join(_local_dir(stream), raw_info.basename)):
+                        return False
+        return True
+
+    def _prepare_thread(self, it: Any) -> None:
+        """Streaming's download thread; with every shard local in place, nothing to download: done at once."""
+        if not self._nothing_to_prepare:
+            return super()._prepare_thread(it)
+        it.prepare_index = it.total
+        it.on_exit()
+
+    def _ready_thread(self, it: Any) -> None:
+        """Mark the epoch's samples ready as their shards become local (all at once when read in place).
+
+        Streaming's own ready thread waits for a shard that another DataLoader worker is downloading until it is
+        local, checking only this process's failure flag. When that download fails, the shard goes back to REMOTE
+        (see :meth:`prepare_shard`) and the wait never ends: the epoch hangs instead of failing. Here a shard found
+        REMOTE while waiting is tried again by this worker, which then fails with the shard's own error.
+        """
+        if self._nothing_to_prepare:
+            it.ready_index = it.total
+            it.on_exit()
+            return
+        while it.ready_index < it.total and not it.should_exit() and not self._event.is_set():
+            if self.predownload is not None and it.ready_index - it.yield_index > self.predownload:
+                time.sleep(TICK)
+                continue
+            sample_id = it.sample_ids[it.ready_index]
+            if sample_id != -1:
+                shard_id, _ = self.spanner[sample_id]
+                while self._shard_states[shard_id] != _ShardState.LOCAL and not self._event.is_set():
+                    if self._shard_states[shard_id] == _ShardState.REMOTE:
+                        self.prepare_shard(shard_id, False)  # downloads it, or raises naming the shard
+                    else:
+                        time.sleep(TICK)  # another worker is preparing it
+            it.ready_index += 1
+        it.on_exit()
 
     def __iter__(self):
         try:

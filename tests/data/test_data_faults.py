@@ -229,6 +229,83 @@ def test_a_missing_remote_shard_fails_naming_it_after_the_retries(s3_server, tmp
         list(loader)
 
 
+def test_a_local_dataset_read_in_place_skips_the_per_sample_shard_bookkeeping(tmp_path, monkeypatch):
+    # Streaming's prepare and ready threads take a file lock and check files for every sample; for shards read where
+    # they lie, uncompressed, there is nothing to download or wait for, and the epoch must be the same without them.
+    prepared: list[int] = []
+    original = StreamingImageCaptionDataset.prepare_shard
+
+    def counting(self, shard_id: int, blocking: bool = True) -> None:
+        prepared.append(shard_id)
+        original(self, shard_id, blocking)
+
+    monkeypatch.setattr(StreamingImageCaptionDataset, 'prepare_shard', counting)
+    out = small_synthetic(str(tmp_path / 'data'))
+    options = {'local': out, 'resolution': 16, 'batch_size': 4, 'shuffle': True, 'shuffle_seed': 5, 'predownload': 4}
+    dataset = StreamingImageCaptionDataset(**options)
+    epoch = iter(dataset)
+    in_place = [next(epoch)['captions']]
+    assert dataset._iterator.ready_index == 24  # every sample ready at once, not `predownload` ahead of the loop
+    in_place += [sample['captions'] for sample in epoch]
+    assert len(in_place) == 24 and prepared == []
+
+    with_threads = StreamingImageCaptionDataset(**options)
+    with_threads._nothing_to_prepare = False  # streaming's own threads, as for a remote dataset
+    epoch = iter(with_threads)
+    walked = [next(epoch)['captions']]
+    assert with_threads._iterator.ready_index <= 1 + 4 + 1  # they walk a sample at a time, predownload ahead
+    walked += [sample['captions'] for sample in epoch]
+    assert walked == in_place  # the same samples in the same order
+
+    prepared.clear()
+    compressed = small_synthetic(str(tmp_path / 'compressed'), compression='zstd')
+    unpacked = [sample['captions'] for sample in StreamingImageCaptionDataset(**{**options, 'local': compressed})]
+    assert sorted(unpacked) == sorted(in_place) and prepared  # only .zstd files: the threads decompress them
+
+    dataset = StreamingImageCaptionDataset(**options)
+    os.remove(os.path.join(out, 'shard.00001.mds'))  # after the start-up check
+    with pytest.raises(ShardDownloadError, match='shard.00001.mds of the local dataset .* cannot be read'):
+        list(dataset)
+
+
+@pytest.mark.remote
+def test_a_shard_whose_download_fails_in_another_worker_fails_here_too(s3_server, tmp_path):
+    # Another DataLoader worker is downloading shard 1 (PREPARING in the node's shared memory) when this one's
+    # threads reach it; its download then fails and it puts the shard back to REMOTE. Streaming's ready thread kept
+    # waiting for the shard to become local, and the epoch hung; it must fail with the shard's error instead.
+    import threading
+
+    import boto3
+    from streaming.base.dataset import _ShardState
+
+    remote = 's3://test-bucket/raced/train'
+    small_synthetic(remote)
+    boto3.client('s3', endpoint_url=s3_server).delete_object(Bucket='test-bucket', Key='raced/train/shard.00001.mds')
+    dataset = StreamingImageCaptionDataset(
+        remote=remote, local=str(tmp_path / 'cache'), resolution=16, batch_size=4, shuffle=False, download_retry=1
+    )
+    dataset._shard_states[1] = _ShardState.PREPARING
+    outcome: list[BaseException] = []
+
+    def read_epoch() -> None:
+        try:
+            list(dataset)
+        except BaseException as error:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(error)
+
+    reader = threading.Thread(target=read_epoch, daemon=True)
+    reader.start()
+    reader.join(1.0)
+    assert reader.is_alive()  # waiting for the other worker's download
+    dataset._shard_states[1] = _ShardState.REMOTE  # which failed
+    reader.join(30.0)
+    if reader.is_alive():
+        dataset._event.set()  # releases the stuck thread, so that the failure below does not leave it behind
+        pytest.fail('The epoch still waits for a shard whose download failed in another worker.')
+    assert len(outcome) == 1 and isinstance(outcome[0], ShardDownloadError)
+    assert 'Cannot download shard.00001.mds' in str(outcome[0])
+
+
 # Unusable samples.
 
 
