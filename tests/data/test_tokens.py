@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from diffusion.data.image_caption import SignedPixels, image_transform
-from diffusion.data.tokens import padded_token_ids
+from diffusion.data.image_caption import SignedPixels, SquareCrop, image_transform
+from diffusion.data.tokens import CaptionTokenizer, padded_token_ids
 from diffusion.models.t5 import build_t5_tokenizer
 from diffusion.models.text_encoders import EOS_TOKEN, build_clip_tokenizer
 
@@ -45,6 +45,23 @@ def test_padded_token_ids_equal_the_tokenizers_own_call(pad_token):
     assert ids[6, -1] == tokenizer.eos_token_id and (ids[6, :-1] != tokenizer.pad_token_id).all()
 
 
+def test_the_special_tokens_are_worked_out_once_and_only_when_they_wrap_the_caption():
+    tokenizer = build_clip_tokenizer()
+    assert CaptionTokenizer(tokenizer).around == ([tokenizer.bos_token_id], [tokenizer.eos_token_id])
+
+    class Reversing(type(tokenizer)):
+        """Puts a sequence's ids in reverse order between its special tokens: not a plain wrapping."""
+
+        def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+            return super().build_inputs_with_special_tokens(token_ids_0[::-1], token_ids_1)
+
+    reversing = build_clip_tokenizer()
+    reversing.__class__ = Reversing
+    assert CaptionTokenizer(reversing).around is None  # so it calls the tokenizer's own method per caption
+    assert torch.equal(padded_token_ids(reversing, CAPTIONS), reference(reversing, CAPTIONS))
+    assert not torch.equal(padded_token_ids(reversing, CAPTIONS), padded_token_ids(tokenizer, CAPTIONS))
+
+
 def test_a_tokenizer_it_cannot_reproduce_goes_through_its_own_call():
     clip = build_clip_tokenizer()
     clip.padding_side = 'left'
@@ -67,3 +84,21 @@ def test_signed_pixels_equal_torchvisions_to_tensor_then_normalize():
     assert torch.equal(SignedPixels()(levels), reference_transform(levels))
     assert SignedPixels()(levels).min() == -1.0 and SignedPixels()(levels).max() == 1.0
     assert isinstance(image_transform(32).transforms[-1], SignedPixels)
+
+
+@pytest.mark.parametrize('crop', ['random', 'center'])
+def test_an_image_already_at_the_training_size_is_what_resize_and_crop_give_it(crop):
+    rng = np.random.default_rng(1)
+    torchvision_steps = transforms.Compose([
+        transforms.Resize(24, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+        transforms.RandomCrop(24) if crop == 'random' else transforms.CenterCrop(24),
+    ])  # fmt: skip
+    for shape in ((24, 24, 3), (24, 24), (24, 40, 3), (57, 24, 3)):  # at size, then the two that are resized
+        image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+        torch.manual_seed(3)
+        theirs = np.asarray(torchvision_steps(image))
+        after_theirs = torch.rand(1)  # the next number drawn: the same only if both drew the same numbers
+        torch.manual_seed(3)
+        ours = np.asarray(SquareCrop(24, crop)(image))
+        assert np.array_equal(ours, theirs) and torch.rand(1) == after_theirs
+    assert isinstance(image_transform(32, crop).transforms[0], SquareCrop)

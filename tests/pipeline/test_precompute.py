@@ -91,6 +91,15 @@ def test_storage_dtypes_round_trip():
     assert to_stored(tensor, 'bfloat16').dtype.name == 'int16'  # numpy has no bf16: the bits travel as int16
     with pytest.raises(ValueError, match="Unknown latent storage dtype 'float8'"):
         to_stored(tensor, 'float8')
+    # Read back as torch itself converts each storage dtype, bit for bit, NaN, infinities and -0 included.
+    special = torch.cat([torch.tensor([float('nan'), float('inf'), -float('inf'), -0.0, 1e-40]), tensor.flatten()])
+    for dtype, torch_dtype in (('float32', torch.float32), ('float16', torch.float16), ('bfloat16', torch.bfloat16)):
+        stored = to_stored(special, dtype)
+        stored.flags.writeable = False  # as shard memory is
+        read = from_stored(stored, dtype)
+        expected = special.to(torch_dtype).float()
+        assert read.dtype == torch.float32 and torch.equal(read.view(torch.int32), expected.view(torch.int32))
+        read[0] = 0.0  # a copy that can be written
 
 
 def test_a_run_on_latents_never_calls_the_encoders(synthetic_dataset, tmp_path):
