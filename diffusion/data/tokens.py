@@ -38,16 +38,19 @@ def _special_tokens_around(tokenizer: Any) -> Optional[tuple[list[int], list[int
     """The ids ``build_inputs_with_special_tokens`` puts before and after any sequence (CLIP: start, end), or
     ``None`` when it does something else than wrapping, checked on sequences of zero, one and two ids."""
     marks = [-101, -102]  # ids no vocabulary has, so they can be found in the output
-    one = tokenizer.build_inputs_with_special_tokens(marks[:1])
-    if one.count(marks[0]) != 1:
+    try:
+        one = tokenizer.build_inputs_with_special_tokens(marks[:1])
+        if one.count(marks[0]) != 1:
+            return None
+        at = one.index(marks[0])
+        before, after = one[:at], one[at + 1 :]
+        wraps = (
+            tokenizer.build_inputs_with_special_tokens(marks) == before + marks + after
+            and tokenizer.build_inputs_with_special_tokens([]) == before + after
+            and len(before) + len(after) == tokenizer.num_special_tokens_to_add()
+        )
+    except Exception:  # a tokenizer that looks its ids up: it is called per caption instead
         return None
-    at = one.index(marks[0])
-    before, after = one[:at], one[at + 1 :]
-    wraps = (
-        tokenizer.build_inputs_with_special_tokens(marks) == before + marks + after
-        and tokenizer.build_inputs_with_special_tokens([]) == before + after
-        and len(before) + len(after) == tokenizer.num_special_tokens_to_add()
-    )
     return (before, after) if wraps else None
 
 

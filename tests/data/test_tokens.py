@@ -61,6 +61,19 @@ def test_the_special_tokens_are_worked_out_once_and_only_when_they_wrap_the_capt
     assert torch.equal(padded_token_ids(reversing, CAPTIONS), reference(reversing, CAPTIONS))
     assert not torch.equal(padded_token_ids(reversing, CAPTIONS), padded_token_ids(tokenizer, CAPTIONS))
 
+    class Checking(type(tokenizer)):
+        """Refuses ids outside its vocabulary, such as the probe's."""
+
+        def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+            if any(token_id < 0 for token_id in token_ids_0):
+                raise ValueError('negative id')
+            return super().build_inputs_with_special_tokens(token_ids_0, token_ids_1)
+
+    checking = build_clip_tokenizer()
+    checking.__class__ = Checking
+    assert CaptionTokenizer(checking).around is None
+    assert torch.equal(padded_token_ids(checking, CAPTIONS), reference(checking, CAPTIONS))
+
 
 def test_a_tokenizer_it_cannot_reproduce_goes_through_its_own_call():
     clip = build_clip_tokenizer()
