@@ -5,7 +5,9 @@ Each phase runs in a fresh interpreter, as a user's run pays it:
 - ``launcher``: ``import composer.cli.launcher`` (what ``composer -n 1`` imports before it starts train.py);
 - ``train.py imports``: ``import diffusion.train`` (Composer, diffusers, transformers, the registries);
 - ``config`` / ``model`` / ``dataloader`` / ``trainer`` / ``first step``: the same run built and stepped in one
-  process (``load_config``, the model, the streaming dataloader with its shard checks, the Trainer, one batch);
+  process as ``train.py`` does it (``load_config``, the model, the streaming dataloader with its shard checks, the
+  Trainer, one batch and the run's checkpoint); Composer's CPU-name probe runs in the background from the import
+  of Composer on, as ``train.py`` starts it;
 - ``composer -n 1 train.py`` end to end for one batch (wall time to exit), and ``python train.py``, the same
   one-process run without the launcher (whose import of all of Composer a launched run otherwise pays twice);
 - ``plain diffusers``: a script importing torch, diffusers and transformers, building the same tiny UNet, VAE and
@@ -33,6 +35,8 @@ YAML = os.path.join(REPO, 'yamls', 'tiny_sd_cpu.yaml')
 PHASED_RUN = r"""
 import json, sys, time
 t0 = time.perf_counter()
+from diffusion.utils import start_composer_env_probe
+start_composer_env_probe()  # as train.py does
 from diffusion import builders
 from diffusion.config import load_config
 marks = {'imports': time.perf_counter()}

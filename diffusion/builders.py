@@ -36,7 +36,7 @@ from diffusion.config import check_s3_credentials, validate_config
 from diffusion.models.adapters import apply_adapters
 from diffusion.optim import apply_tf32, parameter_groups
 from diffusion.parallelism import check_parallelism_config, resolve_parallelism
-from diffusion.utils import ConfigError
+from diffusion.utils import ConfigError, wait_for_composer_env_probe
 
 __all__ = [
     'RestoreRngMidEpoch',
@@ -306,6 +306,7 @@ def build_trainer(cfg: Any) -> Trainer:
         kwargs = _section(cfg.scheduler)
         scheduler = registry.schedulers.build(kwargs.pop('name'), kwargs, where='scheduler')
 
+    wait_for_composer_env_probe()  # train.py started it; the Trainer would otherwise run it again
     trainer = Trainer(
         run_name=cfg.run_name,
         model=model,

@@ -1,5 +1,5 @@
 """Small helpers shared across the package: named registries, config-key and value checks against builders,
-writable output folders, unwrapping DDP."""
+writable output folders, unwrapping DDP, Composer's environment probe started early."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import inspect
 import os
 import pathlib
 import tempfile
+import threading
 import types
 import typing
 from typing import Any, Callable, Collection, Literal, Mapping, Optional, Union
 
 import catalogue
 from composer.core import Time
+from composer.utils import collect_env
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
@@ -29,7 +31,9 @@ __all__ = [
     'forwards_kwargs',
     'is_time_string',
     'parameter_types',
+    'start_composer_env_probe',
     'unwrap_model',
+    'wait_for_composer_env_probe',
 ]
 
 
@@ -272,6 +276,39 @@ def check_writable_folder(folder: str, *, what: str) -> None:
 def unwrap_model(model: Any) -> Any:
     """The ComposerModel inside a ``DistributedDataParallel`` wrapper (Composer wraps ``state.model`` under DDP)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+_ENV_PROBE: Optional[threading.Thread] = None
+
+
+def _probe_cpu_model() -> None:
+    try:
+        collect_env.get_cpu_model()
+    except Exception:  # the Trainer asks again and fails, or not, as it would have without the probe
+        pass
+
+
+def start_composer_env_probe() -> None:
+    """Start Composer's CPU-name probe in a background thread, so that building the ``Trainer`` does not wait for it.
+
+    ``Trainer.__init__`` calls ``composer.utils.collect_env.get_composer_env_dict()``, whose ``get_cpu_model()``
+    runs py-cpuinfo, which starts a second Python interpreter to read the CPU's name: about 1.2 s of CPU on a 2-core
+    VM, most of a tiny run's ``Trainer`` build, for a value the Trainer does not log (it logs the Composer version
+    and commit). ``get_cpu_model`` keeps its answer (``functools.lru_cache``), so calling it here, in a thread while
+    the entry point imports the rest of the package and builds the model, fills that cache with the same answer.
+    ``train.py`` starts it; :func:`wait_for_composer_env_probe` joins it before the ``Trainer`` is built, so the
+    probe never runs twice. Does nothing when the answer is already cached or a probe was started.
+    """
+    global _ENV_PROBE
+    if _ENV_PROBE is None and collect_env.get_cpu_model.cache_info().currsize == 0:
+        _ENV_PROBE = threading.Thread(target=_probe_cpu_model, name='composer-env-probe', daemon=True)
+        _ENV_PROBE.start()
+
+
+def wait_for_composer_env_probe() -> None:
+    """Wait for the probe of :func:`start_composer_env_probe`, if one was started (at once if it finished)."""
+    if _ENV_PROBE is not None:
+        _ENV_PROBE.join()
 
 
 class Registry:

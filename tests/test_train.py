@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 
 import pytest
 import torch
@@ -235,3 +236,39 @@ def test_a_run_ends_saying_where_its_checkpoints_are(synthetic_dataset, tmp_path
     assert os.path.realpath(folder / 'latest-rank0.pt') == str(folder / 'ep0-ba2-rank0.pt')
     main([*common, f'run_folder={tmp_path / "unsaved"}', 'save_folder=null'])
     assert capsys.readouterr().out.splitlines()[-1] == 'No checkpoints were saved: save_folder is not set.'
+
+
+def test_train_pys_cpu_probe_runs_once_in_the_background_and_the_trainer_reuses_it(
+    synthetic_dataset, tmp_path, monkeypatch
+):
+    import cpuinfo
+    from composer.utils import collect_env
+
+    import diffusion.utils
+
+    calls, main_called = [], threading.Event()
+
+    def cpu_info():  # py-cpuinfo's probe, held until the Trainer would have asked (or 2 s)
+        calls.append(threading.current_thread().name)
+        if threading.current_thread() is threading.main_thread():
+            main_called.set()
+        else:
+            main_called.wait(2)
+        return {'brand_raw': 'Probe Test CPU'}
+
+    monkeypatch.setattr(cpuinfo, 'get_cpu_info', cpu_info)
+    monkeypatch.setattr(diffusion.utils, '_ENV_PROBE', None)
+    collect_env.get_cpu_model.cache_clear()
+    try:
+        diffusion.utils.start_composer_env_probe()
+        diffusion.utils.start_composer_env_probe()  # one probe a process
+        build_trainer(tiny_config(synthetic_dataset, str(tmp_path), 'max_duration=1ba', 'save_folder=null'))
+        # The Trainer waited for the probe instead of running py-cpuinfo again on the main thread.
+        assert calls == ['composer-env-probe']
+        assert collect_env.get_cpu_model() == 'Probe Test CPU'
+        assert collect_env.get_cpu_model.cache_info().misses == 1
+        monkeypatch.setattr(diffusion.utils, '_ENV_PROBE', None)
+        diffusion.utils.start_composer_env_probe()  # the answer is known: nothing to start
+        assert diffusion.utils._ENV_PROBE is None and calls == ['composer-env-probe']
+    finally:
+        collect_env.get_cpu_model.cache_clear()  # the other tests' Trainers ask the real py-cpuinfo
