@@ -15,6 +15,8 @@ install_requires = [
     'catalogue>=2.0,<3',
     # Ships the real CLIP BPE vocabulary (open_clip/bpe_simple_vocab_16e6.txt.gz) used offline.
     'open-clip-torch>=2.24',
+    # CLIP's own whitespace and word patterns, used directly by diffusion.data.tokens (transformers requires it too).
+    'regex',
     'pillow>=10',
     'numpy<2.3',
     'tqdm>=4.60',

@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision import transforms
 
 from diffusion.data.image_caption import SignedPixels, SquareCrop, image_transform
-from diffusion.data.tokens import CaptionTokenizer, padded_token_ids
+from diffusion.data.tokens import CaptionTokenizer, _ClipIds, padded_token_ids
 from diffusion.models.t5 import build_t5_tokenizer
 from diffusion.models.text_encoders import EOS_TOKEN, build_clip_tokenizer
 
@@ -82,6 +82,65 @@ def test_a_tokenizer_it_cannot_reproduce_goes_through_its_own_call():
     assert (padded_token_ids(clip, ['a red circle'])[0, 0] == clip.pad_token_id).item()  # padded on the left
     t5 = build_t5_tokenizer(max_length=16)  # a fast (Rust) tokenizer
     assert torch.equal(padded_token_ids(t5, CAPTIONS), reference(t5, CAPTIONS))
+
+
+# Pieces of captions that exercise each step _ClipIds takes or skips: ftfy's fixes (HTML escapes, mojibake, curly
+# quotes, ligatures, full-width letters, line and paragraph separators, terminal escapes, control characters), the
+# byte-to-unicode mapping (non-ASCII words), the added-token split ('!' is SD2's pad token) and BPE.
+PIECES = [
+    'a', 'red', 'circle', 'on', 'the', 'GRAY', 'Background', 'photo', '12', '2019', '3.5', "it's", "we'll", '-',
+    '(', ')', ',', '.', '...', '"', "'", '&', '&amp;', '&lt;b&gt;', 'caf&eacute;', '&#x2019;', '<', '>', '<b>',
+    'é', 'Ã©', '\u2019', '\u201cquoted\u201d', 'ﬁsh', 'ＬＯＵＤ', '東京', '🚀', '\u2028', '\u00a0', '\x1b[31m', '\x00',
+    '\x07', '\x7f', '\x85', '\t', '\n', '\r\n', '  ', '!', '!!', '<|endoftext|>', '<|startoftext|>', '<|', 'zxqv',
+]  # fmt: skip
+
+
+@pytest.mark.parametrize('pad_token', ['!', EOS_TOKEN])
+def test_clips_own_steps_give_the_tokenizers_ids_for_any_caption(pad_token):
+    tokenizer = build_clip_tokenizer(pad_token=pad_token)
+    clip_ids = _ClipIds.make(tokenizer)
+    assert clip_ids is not None and CaptionTokenizer(tokenizer).clip_ids is not None
+    rng = np.random.default_rng(0)
+    captions = CAPTIONS + [
+        ' '.join(rng.choice(PIECES, size=rng.integers(1, 12))) if k % 2 else ''.join(rng.choice(PIECES, size=6))
+        for k in range(1500)
+    ]
+    for caption in captions:
+        assert clip_ids(caption) == tokenizer.convert_tokens_to_ids(tokenizer.tokenize(caption)), repr(caption)
+    assert torch.equal(padded_token_ids(tokenizer, captions), reference(tokenizer, captions))
+
+
+def test_ftfy_leaves_printable_ascii_without_an_ampersand_as_it_is():
+    """What _ClipIds relies on to skip ftfy: checked on random strings over the whole printable ASCII range."""
+    import ftfy
+
+    rng = np.random.default_rng(0)
+    alphabet = [chr(code) for code in range(0x20, 0x7F) if chr(code) != '&']
+    for _ in range(3000):
+        text = ''.join(rng.choice(alphabet, size=rng.integers(0, 60)))
+        assert ftfy.fix_text(text) == text, repr(text)
+    assert ftfy.fix_text('caf&eacute;') != 'caf&eacute;'  # why '&' is excluded
+
+
+def test_clips_own_steps_are_not_taken_for_a_tokenizer_that_changes_one_of_them():
+    tokenizer = build_clip_tokenizer()
+
+    class Shouting(type(tokenizer)):
+        def _tokenize(self, text):
+            return super()._tokenize(text.replace('red', 'blue'))
+
+    shouting = build_clip_tokenizer()
+    shouting.__class__ = Shouting
+    assert _ClipIds.make(shouting) is None and CaptionTokenizer(shouting).clip_ids is None
+    assert torch.equal(padded_token_ids(shouting, ['a red circle']), reference(shouting, ['a red circle']))
+    assert not torch.equal(padded_token_ids(shouting, ['a red circle']), padded_token_ids(tokenizer, ['a red circle']))
+    without_ftfy = build_clip_tokenizer()
+    without_ftfy.fix_text = None  # as when ftfy is not installed: transformers' BasicTokenizer instead
+    from transformers.models.clip.tokenization_clip import BasicTokenizer
+
+    without_ftfy.nlp = BasicTokenizer(strip_accents=False, do_split_on_punc=False)
+    assert _ClipIds.make(without_ftfy) is None
+    assert torch.equal(padded_token_ids(without_ftfy, CAPTIONS), reference(without_ftfy, CAPTIONS))
 
 
 def test_signed_pixels_equal_torchvisions_to_tensor_then_normalize():
