@@ -297,10 +297,12 @@ def start_composer_env_probe() -> None:
     and commit). ``get_cpu_model`` keeps its answer (``functools.lru_cache``), so calling it here, in a thread while
     the entry point imports the rest of the package and builds the model, fills that cache with the same answer.
     ``train.py`` starts it; :func:`wait_for_composer_env_probe` joins it before the ``Trainer`` is built, so the
-    probe never runs twice. Does nothing when the answer is already cached or a probe was started.
+    probe never runs twice. Does nothing when the answer is already cached, a probe was started, or Composer's
+    ``get_cpu_model`` keeps no cache.
     """
     global _ENV_PROBE
-    if _ENV_PROBE is None and collect_env.get_cpu_model.cache_info().currsize == 0:
+    cached = getattr(collect_env.get_cpu_model, 'cache_info', None)  # without Composer's cache it would run twice
+    if _ENV_PROBE is None and cached is not None and cached().currsize == 0:
         _ENV_PROBE = threading.Thread(target=_probe_cpu_model, name='composer-env-probe', daemon=True)
         _ENV_PROBE.start()
 

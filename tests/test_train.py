@@ -258,7 +258,8 @@ def test_train_pys_cpu_probe_runs_once_in_the_background_and_the_trainer_reuses_
 
     monkeypatch.setattr(cpuinfo, 'get_cpu_info', cpu_info)
     monkeypatch.setattr(diffusion.utils, '_ENV_PROBE', None)
-    collect_env.get_cpu_model.cache_clear()
+    cached_cpu_model = collect_env.get_cpu_model
+    cached_cpu_model.cache_clear()
     try:
         diffusion.utils.start_composer_env_probe()
         diffusion.utils.start_composer_env_probe()  # one probe a process
@@ -270,5 +271,9 @@ def test_train_pys_cpu_probe_runs_once_in_the_background_and_the_trainer_reuses_
         monkeypatch.setattr(diffusion.utils, '_ENV_PROBE', None)
         diffusion.utils.start_composer_env_probe()  # the answer is known: nothing to start
         assert diffusion.utils._ENV_PROBE is None and calls == ['composer-env-probe']
+        # A Composer whose get_cpu_model keeps no answer would run py-cpuinfo again in the Trainer: no probe then.
+        monkeypatch.setattr(collect_env, 'get_cpu_model', lambda: cpu_info()['brand_raw'])
+        diffusion.utils.start_composer_env_probe()
+        assert diffusion.utils._ENV_PROBE is None and calls == ['composer-env-probe']
     finally:
-        collect_env.get_cpu_model.cache_clear()  # the other tests' Trainers ask the real py-cpuinfo
+        cached_cpu_model.cache_clear()  # the other tests' Trainers ask the real py-cpuinfo
