@@ -125,15 +125,16 @@ def test_ftfy_leaves_printable_ascii_without_an_ampersand_as_it_is():
 def test_clips_own_steps_are_not_taken_for_a_tokenizer_that_changes_one_of_them():
     tokenizer = build_clip_tokenizer()
 
-    class Shouting(type(tokenizer)):
+    class Recolouring(type(tokenizer)):
         def _tokenize(self, text):
             return super()._tokenize(text.replace('red', 'blue'))
 
-    shouting = build_clip_tokenizer()
-    shouting.__class__ = Shouting
-    assert _ClipIds.make(shouting) is None and CaptionTokenizer(shouting).clip_ids is None
-    assert torch.equal(padded_token_ids(shouting, ['a red circle']), reference(shouting, ['a red circle']))
-    assert not torch.equal(padded_token_ids(shouting, ['a red circle']), padded_token_ids(tokenizer, ['a red circle']))
+    recolouring = build_clip_tokenizer()
+    recolouring.__class__ = Recolouring
+    assert _ClipIds.make(recolouring) is None and CaptionTokenizer(recolouring).clip_ids is None
+    red = ['a red circle']
+    assert torch.equal(padded_token_ids(recolouring, red), reference(recolouring, red))
+    assert not torch.equal(padded_token_ids(recolouring, red), padded_token_ids(tokenizer, red))
     without_ftfy = build_clip_tokenizer()
     without_ftfy.fix_text = None  # as when ftfy is not installed: transformers' BasicTokenizer instead
     from transformers.models.clip.tokenization_clip import BasicTokenizer
