@@ -81,12 +81,10 @@ class _ClipIds:
     ftfy, the same steps without the generic machinery (see the module docstring); :meth:`make` gives ``None`` for
     any other tokenizer."""
 
-    def __init__(self, tokenizer: Any, fix_text: Callable[[str], str], unk: int):
+    def __init__(self, tokenizer: Any, fix_text: Callable[[str], str], unk: int, splitters: tuple[str, ...]):
         self.tokenizer = tokenizer
         self.fix_text = fix_text
-        trie_tokens = getattr(tokenizer.tokens_trie, '_tokens', None)
-        # tokenize() splits the caption at these; a caption containing none of them is one piece.
-        self.splitters = () if tokenizer.split_special_tokens else tuple(trie_tokens)
+        self.splitters = splitters  # tokenize() splits a caption at these; one containing none of them is one piece
         self.pattern = tokenizer.pat
         self.byte_encoder = tokenizer.byte_encoder
         self.bpe = tokenizer.bpe
@@ -110,7 +108,10 @@ class _ClipIds:
         if getattr(tokenizer, 'do_lower_case', False):  # tokenize() would lowercase around the special tokens
             return None
         unk = tokenizer.encoder.get(str(tokenizer.unk_token))
-        return cls(tokenizer, ftfy.fix_text, unk) if isinstance(unk, int) else None
+        if not isinstance(unk, int):
+            return None
+        splitters = () if tokenizer.split_special_tokens else tuple(trie_tokens)
+        return cls(tokenizer, ftfy.fix_text, unk, splitters)
 
     def __call__(self, caption: str) -> list[int]:
         if any(token in caption for token in self.splitters):
