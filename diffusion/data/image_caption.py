@@ -174,6 +174,13 @@ def resize_and_crop(
     return (pixels * 2.0 - 1.0).clamp_(-1.0, 1.0), (top, left)
 
 
+def _ends_in_signed_pixels(transform: Any) -> bool:
+    """Whether ``transform`` is a ``Compose`` ending in :class:`SignedPixels`, as :func:`image_transform` builds it:
+    its values on the RGB images :func:`decode_image` returns lie in [-1, 1] already. Any other transform set on the
+    dataset has its output clamped."""
+    return isinstance(transform, transforms.Compose) and isinstance(transform.transforms[-1], SignedPixels)
+
+
 def micro_conditioning(
     sample: dict[str, Any], image_size: tuple[int, int], top_left: tuple[int, int], target_size: tuple[int, int]
 ) -> dict[str, tuple[int, int]]:
@@ -348,7 +355,10 @@ class StreamingImageCaptionDataset(FaultTolerantStreamingDataset):
     def _transform(self, image: Image.Image, sample: dict[str, Any], index: int) -> dict[str, Any]:
         generator = None
         if self._bucket is None and not self.micro_conditioning:
-            out = {'image': self.transform(image).clamp_(-1.0, 1.0)}
+            pixels = self.transform(image)
+            if not _ends_in_signed_pixels(self.transform):  # SignedPixels' values lie in [-1, 1] already
+                pixels = pixels.clamp_(-1.0, 1.0)
+            out = {'image': pixels}
         else:
             height, width = self.resolution, self.resolution
             if self._bucket is not None:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms
 
 from diffusion.data.aspect_buckets import BucketIndex
 from diffusion.data.image_caption import (
@@ -120,6 +121,18 @@ def test_without_micro_conditioning_sd2_samples_are_unchanged(wide_image):
     torch.manual_seed(3)
     expected = image_transform(16, 'random', True)(Image.open(io.BytesIO(dataset.get_item(0)['image'])).convert('RGB'))
     assert torch.equal(sample['image'], expected.clamp(-1, 1))
+
+
+def test_a_transform_set_by_hand_is_clamped_while_the_default_is_left_as_it_is(wide_image):
+    out, image = wide_image
+    dataset = StreamingImageCaptionDataset(local=out, resolution=32, crop='center')
+    default = dataset[0]['image']
+    # The default transform's values need no clamp: they are the image's own, ends included.
+    assert torch.allclose(default, image[:, :, 16:48], atol=1e-6) and default.min() == -1.0 and default.max() == 1.0
+    dataset.transform = transforms.Compose([image_transform(32, 'center'), lambda pixels: pixels * 3])
+    tripled = dataset[0]['image']
+    assert torch.equal(tripled, (default * 3).clamp(-1, 1))
+    assert (default.abs() > 1 / 3).any() and tripled.abs().max() == 1.0
 
 
 def test_batches_stack_the_conditioning_as_long_pairs(tmp_path):
