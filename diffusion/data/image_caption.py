@@ -178,7 +178,8 @@ def _ends_in_signed_pixels(transform: Any) -> bool:
     """Whether ``transform`` is a ``Compose`` ending in :class:`SignedPixels`, as :func:`image_transform` builds it:
     its values on the RGB images :func:`decode_image` returns lie in [-1, 1] already. Any other transform set on the
     dataset has its output clamped."""
-    return isinstance(transform, transforms.Compose) and isinstance(transform.transforms[-1], SignedPixels)
+    steps = transform.transforms if isinstance(transform, transforms.Compose) else []
+    return bool(steps) and isinstance(steps[-1], SignedPixels)
 
 
 def micro_conditioning(
